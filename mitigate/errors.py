@@ -1,0 +1,20 @@
+"""Errors raised for bad input: each says what was wrong and what is accepted."""
+
+
+class MitigationError(ValueError):
+    """Base class: a request mitigate cannot honour."""
+
+
+class UnsupportedModelError(MitigationError, TypeError):
+    """The model is not a supported vision-language model."""
+
+
+class UnknownMethodError(MitigationError, KeyError):
+    """A method or preset name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(MitigationError):
+    """A parameter that is unknown, of the wrong type, or out of range."""

@@ -1,0 +1,122 @@
+"""The edit contract: the single description of an attention change that methods produce and kernels execute.
+
+An :class:`AttentionEdit` is an ordered list of operations on one attention call. Every kernel must give
+the numbers of the eager reference (:mod:`mitigate.kernels.reference`) for every operation kind:
+
+* :class:`LogitEdit` -- before the softmax, per key (and optionally per head):
+  ``z' = s*z + a*|z| + b`` on the selected query rows. ``z`` is the scaled dot product ``scaling*q.k``.
+  Masked keys stay masked (the mask is applied after the edit).
+* :class:`MassTransfer` -- after the softmax: keys are partitioned into ``num_groups`` groups; ``fn`` maps
+  each (batch, head, row) vector of group masses ``m_g = sum_{j in g} p_j`` to new group masses ``w_g``.
+  Inside a group the distribution is unchanged, so the edited output is ``sum_g w_g o_g / sum_g w_g`` with
+  ``o_g`` the group's normalised partial output. That is what lets fast kernels run without the full
+  matrix. ``fn`` must be row-local and non-negative; the result is renormalised, and groups with zero mass
+  stay at zero whatever ``fn`` returns for them.
+* :class:`HeadScale` -- after ``p @ v``: each head's output on the selected rows is multiplied by a factor.
+
+Operations apply in list order. :func:`combine` orders ops from several methods by kind: logit edits,
+then mass transfers, then head scaling (DESIGN.md, "Methods compose in the order given").
+
+Shapes: ``B`` batch, ``H`` query heads, ``Nq`` query rows of this call, ``Nk`` keys.
+Row masks are bool ``[B, Nq]``. Per-key tensors are ``[B, Hc, Nk]`` with ``Hc`` 1 or ``H``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+MassFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LogitEdit:
+    """``z' = scale*z + abs*|z| + bias`` on the rows in ``rows``; any of the three may be ``None``."""
+
+    rows: torch.Tensor
+    scale: torch.Tensor | None = None
+    abs: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    kind = "logit"
+
+    def __post_init__(self) -> None:
+        if self.scale is None and self.abs is None and self.bias is None:
+            raise ValueError("LogitEdit needs at least one of scale, abs, bias")
+
+
+@dataclass(frozen=True)
+class MassTransfer:
+    """Move probability mass between key groups on the rows in ``rows``.
+
+    ``groups`` is int64 ``[B, Nk]`` with values in ``[0, num_groups)``. ``fn`` takes masses
+    ``[B, H, R, G]`` (fp32) and returns the new masses, same shape. ``R`` is any number of rows.
+    """
+
+    rows: torch.Tensor
+    groups: torch.Tensor
+    num_groups: int
+    fn: MassFn
+    name: str = ""
+
+    kind = "mass"
+
+
+@dataclass(frozen=True)
+class HeadScale:
+    """Multiply head outputs ``[B, H]`` (before ``o_proj``) on the rows in ``rows``."""
+
+    rows: torch.Tensor
+    scale: torch.Tensor
+
+    kind = "head"
+
+
+Op = LogitEdit | MassTransfer | HeadScale
+_ORDER = {"logit": 0, "mass": 1, "head": 2}
+
+
+@dataclass
+class AttentionEdit:
+    """An ordered list of operations for one attention call (see module docstring)."""
+
+    ops: list[Op] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    @property
+    def logit_ops(self) -> list[LogitEdit]:
+        return [op for op in self.ops if isinstance(op, LogitEdit)]
+
+    @property
+    def mass_ops(self) -> list[MassTransfer]:
+        return [op for op in self.ops if isinstance(op, MassTransfer)]
+
+    @property
+    def head_ops(self) -> list[HeadScale]:
+        return [op for op in self.ops if isinstance(op, HeadScale)]
+
+    def edited_rows(self) -> torch.Tensor | None:
+        """Union of the rows any op touches, bool ``[B, Nq]``; ``None`` when there are no ops."""
+        rows = None
+        for op in self.ops:
+            rows = op.rows if rows is None else rows | op.rows
+        return rows
+
+
+def combine(per_method: list[list[Op]]) -> AttentionEdit:
+    """Concatenate the ops of several methods in the fixed kind order, keeping method order within a kind."""
+    flat = [op for ops in per_method for op in ops]
+    flat.sort(key=lambda op: _ORDER[op.kind])  # stable: method order kept within a kind
+    return AttentionEdit(flat)
+
+
+def apply_mass_fn(op: MassTransfer, masses: torch.Tensor) -> torch.Tensor:
+    """Run ``op.fn`` and check the contract cheaply (shape); zero-mass groups stay at zero."""
+    new = op.fn(masses)
+    if new.shape != masses.shape:
+        raise RuntimeError(f"mass transfer {op.name!r} returned shape {tuple(new.shape)}, expected {tuple(masses.shape)}")
+    return torch.where(masses > 0, new, torch.zeros_like(new))

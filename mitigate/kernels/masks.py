@@ -1,0 +1,38 @@
+"""Masks as transformers hands them to attention functions, turned into one boolean "keep" form."""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_keep(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """Bottom-right aligned causal mask ``[Nq, Nk]``: row ``i`` sees key ``j <= i + Nk - Nq``."""
+    rows = torch.arange(num_queries, device=device)[:, None] + (num_keys - num_queries)
+    return torch.arange(num_keys, device=device)[None, :] <= rows
+
+
+def keep_mask(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    num_queries: int,
+    num_keys: int,
+    causal: bool,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """bool ``[B or 1, 1, Nq, Nk]`` (True = attend), or ``None`` when every key is visible.
+
+    ``sdpa_mask`` gives ``None`` for unpadded batches (causality implicit) or a bool mask; ``eager_mask``
+    gives an additive float mask whose masked entries are very negative.
+    """
+    if attention_mask is None:
+        if causal and num_queries > 1:
+            return causal_keep(num_queries, num_keys, device)[None, None]
+        return None
+    mask = attention_mask[..., -num_queries:, :num_keys]
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    if mask.dim() == 2:  # [B, Nk] padding mask, as some callers pass
+        mask = mask[:, None, None, :]
+        if causal and num_queries > 1:
+            mask = mask & causal_keep(num_queries, num_keys, device)[None, None]
+    return mask

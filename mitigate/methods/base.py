@@ -1,0 +1,121 @@
+"""What every method is: a validated config, the layers it edits, per-generation state, and the ops it emits.
+
+A method never touches the model. The session calls it at three points:
+
+* :meth:`Method.reset` at every prefill (new prompt batch): clear per-generation state;
+* :meth:`Method.observe_hidden` at prefill, with the input hidden state of each layer in
+  :meth:`Method.hidden_layers` (before that layer runs, so later layers can use what earlier ones found);
+* :meth:`Method.edit` in every attention call of an edited layer: return the ops for this call.
+
+State lives in the ``state`` dict the session passes in (one per method per session), never on modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from ..errors import ConfigError
+from ..kernels.edit import Op
+from ..patches.adapters import ModelInfo
+from ..patches.layout import TokenLayout
+from ..stats import Stats
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's parameters. Unknown parameters are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers: list[int] | None = None
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_unique(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"layers has duplicates: {value}")
+        return value
+
+
+@dataclass
+class AttentionCall:
+    """One attention call of one layer, as methods see it."""
+
+    layer_idx: int
+    layout: TokenLayout
+    positions: torch.Tensor  # [Nq] absolute positions of this call's query rows
+    num_keys: int
+    num_heads: int
+    prefill: bool
+    stats: Stats | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.layout.batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+
+class Method:
+    """Base class. Subclasses set ``name``, ``Config`` and ``summary`` and implement :meth:`edit`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+    summary: ClassVar[str] = ""
+    #: first layer edited by default; the default range runs from here to the last layer
+    default_first_layer: ClassVar[int] = 2
+
+    def __init__(self, config: MethodConfig, info: ModelInfo, preset: str | None = None):
+        self.config = config
+        self.info = info
+        self.preset = preset or self.name
+        self.layers: tuple[int, ...] = self._check_layers(config.layers, "layers")
+
+    # -- configuration ------------------------------------------------------------------------
+    def default_layers(self) -> list[int]:
+        return list(range(min(self.default_first_layer, self.info.num_layers - 1), self.info.num_layers))
+
+    def _check_layers(self, layers: list[int] | None, field: str) -> tuple[int, ...]:
+        if layers is None:
+            layers = self.default_layers()
+        bad = [i for i in layers if not 0 <= i < self.info.num_layers]
+        if bad:
+            raise ConfigError(
+                f"{self.name}: {field} {bad} out of range; this model has {self.info.num_layers} language "
+                f"layers (0-based: 0..{self.info.num_layers - 1})"
+            )
+        return tuple(sorted(layers))
+
+    def resolved_params(self) -> dict[str, Any]:
+        """Parameters with model-dependent defaults filled in (what actually runs)."""
+        params = self.config.model_dump()
+        params["layers"] = list(self.layers)
+        return params
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.resolved_params().items())
+        return f"{self.name}[{self.preset}]({params})"
+
+    # -- runtime ------------------------------------------------------------------------------
+    def hidden_layers(self) -> frozenset[int]:
+        """Layers whose input hidden state this method needs at prefill."""
+        return frozenset()
+
+    def edited_layers(self) -> frozenset[int]:
+        return frozenset(self.layers)
+
+    def reset(self, state: dict[str, Any], layout: TokenLayout) -> None:
+        state.clear()
+
+    def observe_hidden(
+        self, layer_idx: int, hidden: torch.Tensor, layout: TokenLayout, state: dict[str, Any]
+    ) -> None:
+        """Called at prefill with the layer's input hidden state ``[B, T, d]``."""
+
+    def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
+        raise NotImplementedError

@@ -1,0 +1,128 @@
+"""One adapter per model family: where the language layers are, which module sees ``input_ids``, and the
+sizes methods need. Adapters are found by config class, never by hard-coded module paths in methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What methods may know about the model they edit."""
+
+    family: str
+    name_or_path: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    rms_norm_eps: float
+    image_token_id: int
+
+
+class Adapter:
+    """Base adapter. Subclasses set ``family`` and ``config_classes`` and override the accessors."""
+
+    family: ClassVar[str]
+    config_classes: ClassVar[tuple[str, ...]]
+    text_config_key: ClassVar[str] = "text_config"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # -- structure -----------------------------------------------------------------------------
+    def base_model(self) -> nn.Module:
+        """The multimodal model whose ``forward`` receives ``input_ids`` and the cache."""
+        raise NotImplementedError
+
+    def language_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model().layers
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.decoder_layers()]
+
+    def text_config(self):
+        return getattr(self.model.config, self.text_config_key)
+
+    def image_token_id(self) -> int:
+        token = getattr(self.model.config, "image_token_id", None)
+        if token is None:
+            raise UnsupportedModelError(f"{type(self.model).__name__} has no config.image_token_id")
+        return int(token)
+
+    def image_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """bool ``[B, T]`` of image placeholder positions, from ids or (failing that) placeholder embeddings."""
+        token = self.image_token_id()
+        if input_ids is not None:
+            return input_ids == token
+        if inputs_embeds is None:
+            raise ValueError("mitigate needs input_ids or inputs_embeds to find the image tokens")
+        embed = self.language_model().get_input_embeddings()
+        placeholder = embed(torch.tensor(token, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+        return (inputs_embeds == placeholder).all(-1)
+
+    def info(self) -> ModelInfo:
+        cfg = self.text_config()
+        heads = cfg.num_attention_heads
+        return ModelInfo(
+            family=self.family,
+            name_or_path=str(getattr(self.model, "name_or_path", "") or getattr(self.model.config, "_name_or_path", "")),
+            num_layers=len(self.decoder_layers()),
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            hidden_size=cfg.hidden_size,
+            rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
+            image_token_id=self.image_token_id(),
+        )
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5 (``LlavaForConditionalGeneration`` and ``LlavaModel``): CLIP tower + Llama-family LM."""
+
+    family = "llava"
+    config_classes = ("LlavaConfig",)
+
+    def base_model(self) -> nn.Module:
+        return getattr(self.model, "model", self.model) if hasattr(self.model, "lm_head") else self.model
+
+    def language_model(self) -> nn.Module:
+        return self.base_model().language_model
+
+
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+
+
+def supported_families() -> str:
+    return ", ".join(f"{a.family} ({'/'.join(a.config_classes)})" for a in ADAPTERS)
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model``'s config class, or a clear error naming what is supported."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a Hugging Face model (no .config); mitigate supports: {supported_families()}"
+        )
+    name = type(config).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.config_classes:
+            return adapter(model)
+    is_vlm = hasattr(config, "vision_config") or getattr(config, "image_token_id", None) is not None
+    what = "a vision-language model of a family mitigate has no adapter for" if is_vlm else (
+        "not a vision-language model (mitigate edits attention to image tokens)"
+    )
+    raise UnsupportedModelError(
+        f"{type(model).__name__} ({name}) is {what}; supported families: {supported_families()}"
+    )

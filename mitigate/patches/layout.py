@@ -1,0 +1,69 @@
+"""Per-row token layout of a prompt: where the image, prefix and user query sit, and where generation starts.
+
+Built once per prefill from ``input_ids`` (or placeholder embeddings) and the padding mask. Positions are
+indices into the key sequence, so left padding is part of them. Decode steps only append keys, which are
+neither image, prefix nor query tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenLayout:
+    """Masks over the prompt's ``T`` positions, bool ``[B, T]``, plus per-row indices ``[B]`` (-1: none)."""
+
+    valid: torch.Tensor
+    image: torch.Tensor
+    prefix: torch.Tensor
+    query: torch.Tensor
+    first_image: torch.Tensor
+    last_image: torch.Tensor
+    prompt_len: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def has_image(self) -> torch.Tensor:
+        return self.last_image >= 0
+
+    def keys(self, name: str, num_keys: int) -> torch.Tensor:
+        """Mask ``name`` over ``num_keys`` key positions; keys past the prompt (generated) are False."""
+        return self.keys_of(getattr(self, name), num_keys)
+
+    @staticmethod
+    def keys_of(mask: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """A prompt mask ``[B, T]`` cut or extended (with False) to ``num_keys`` keys."""
+        if num_keys <= mask.shape[1]:
+            return mask[:, :num_keys]
+        return torch.nn.functional.pad(mask, (0, num_keys - mask.shape[1]), value=False)
+
+    def rows_after_image(self, positions: torch.Tensor) -> torch.Tensor:
+        """bool ``[B, Nq]``: query positions strictly after the row's last image token (False without image)."""
+        return (positions[None, :] > self.last_image[:, None]) & self.has_image[:, None]
+
+
+def build_layout(image_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> TokenLayout:
+    """Layout from the image-token mask ``[B, T]`` and the 2-D padding mask (1 = real token).
+
+    * prefix: real tokens before the row's first image token;
+    * query: real tokens after the row's last image token (the whole prompt when the row has no image).
+    """
+    bsz, seq = image_mask.shape
+    device = image_mask.device
+    valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask[:, -seq:].bool()
+    image = image_mask & valid
+    pos = torch.arange(seq, device=device)[None, :].expand(bsz, seq)
+    has = image.any(dim=1)
+    first = torch.where(has, torch.where(image, pos, seq).min(dim=1).values, -1)
+    last = torch.where(has, torch.where(image, pos, -1).max(dim=1).values, -1)
+    prefix = valid & (pos < first[:, None]) & has[:, None]
+    query = valid & (pos > last[:, None])
+    return TokenLayout(
+        valid=valid, image=image, prefix=prefix, query=query, first_image=first, last_image=last, prompt_len=seq
+    )

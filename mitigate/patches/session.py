@@ -1,0 +1,209 @@
+"""How edits reach a model: one registered attention function, forward pre-hooks, and the per-call context.
+
+A :class:`Session` is the live side of one mitigation on one model. ``install`` registers the ``mitigate``
+attention and mask functions with transformers, switches only the language model to them, and adds:
+
+* a pre-hook on the multimodal base model, which builds the token layout at every prefill (no cache yet)
+  and notes how many keys were already cached at decode steps;
+* pre-hooks on the decoder layers whose input hidden state a method needs at prefill.
+
+``uninstall`` undoes all of it, so the model is exactly as before. Attention modules map to their session
+in a weak dictionary, so several models can be mitigated at once and nothing outlives ``uninstall``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..kernels import combine, get_kernel, resolve_kernel
+from ..methods.base import AttentionCall, Method
+from ..stats import Stats
+from .adapters import Adapter
+from .layout import TokenLayout, build_layout
+
+ATTENTION_NAME = "mitigate"
+
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+
+
+def mitigate_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The function registered as ``"mitigate"``: route to the module's session, else plain SDPA."""
+    session = _SESSIONS.get(module)
+    if session is None or not session.enabled:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return session.attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def _register_functions() -> None:
+    AttentionInterface.register(ATTENTION_NAME, mitigate_attention)
+    # Without a registered mask function padded batches would arrive with attention_mask=None.
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _unregister_functions() -> None:
+    if any(True for _ in _SESSIONS.values()):
+        return
+    AttentionInterface._global_mapping.pop(ATTENTION_NAME, None)
+    AttentionMaskInterface._global_mapping.pop(ATTENTION_NAME, None)
+
+
+class Session:
+    """Per-model runtime state of a mitigation: hooks, token layout, per-method state, kernel choice."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method], kernel: str = "auto"):
+        self.model = model
+        self.adapter = adapter
+        self.methods = methods
+        self.kernel_name = resolve_kernel(kernel, _device_of(model))
+        self.kernel = get_kernel(self.kernel_name)
+        self.enabled = True
+        self.stats: Stats | None = None
+        self.layout: TokenLayout | None = None
+        self.prefill = False
+        self.past = 0
+        self.positions: torch.Tensor | None = None
+        self.state: list[dict[str, Any]] = [{} for _ in methods]
+        self._edited = {layer for m in methods for layer in m.edited_layers()}
+        self._hidden = {layer for m in methods for layer in m.hidden_layers()}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attention_modules: list[nn.Module] = []
+        self._previous: str | None = None
+
+    # -- install / uninstall ----------------------------------------------------------------
+    def install(self) -> None:
+        _register_functions()
+        text_config = self.adapter.text_config()
+        self._previous = text_config._attn_implementation
+        self.model.set_attn_implementation({self.adapter.text_config_key: ATTENTION_NAME})
+        self._attention_modules = self.adapter.attention_modules()
+        for module in self._attention_modules:
+            _SESSIONS[module] = self
+        base = self.adapter.base_model()
+        self._handles.append(base.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        for idx, layer in enumerate(self.adapter.decoder_layers()):
+            if idx in self._hidden:
+                self._handles.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+
+    def uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._attention_modules:
+            if _SESSIONS.get(module) is self:
+                del _SESSIONS[module]
+        self._attention_modules = []
+        if self._previous is not None:
+            self.model.set_attn_implementation({self.adapter.text_config_key: self._previous})
+            self._previous = None
+        self.layout = None
+        self.state = [{} for _ in self.methods]
+        _unregister_functions()
+
+    @contextmanager
+    def disabled(self):
+        """Run the model unedited (plain SDPA in every layer) inside the block."""
+        was = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = was
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        tokens = input_ids if input_ids is not None else embeds
+        if tokens is None:
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        self.past = past
+        self.positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+        self.prefill = past == 0
+        if self.prefill:
+            mask = kwargs.get("attention_mask")
+            image = self.adapter.image_mask(input_ids, embeds)
+            self.layout = build_layout(image, mask if mask is not None and mask.dim() == 2 else None)
+            for method, state in zip(self.methods, self.state, strict=True):
+                method.reset(state, self.layout)
+
+    def _layer_hook(self, layer_idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not (self.enabled and self.prefill) or self.layout is None:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            for method, state in zip(self.methods, self.state, strict=True):
+                if layer_idx in method.hidden_layers():
+                    method.observe_hidden(layer_idx, hidden, self.layout, state)
+
+        return hook
+
+    # -- attention --------------------------------------------------------------------------
+    def attention(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float,
+        scaling: float | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        layer = getattr(module, "layer_idx", None)
+        positions = self.positions
+        if (
+            layer not in self._edited
+            or self.layout is None
+            or positions is None
+            or positions.shape[0] != query.shape[2]
+        ):
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        call = AttentionCall(
+            layer_idx=layer,
+            layout=self.layout,
+            positions=positions,
+            num_keys=key.shape[2],
+            num_heads=query.shape[1],
+            prefill=self.prefill,
+            stats=self.stats,
+        )
+        edit = combine(
+            [m.edit(call, s) for m, s in zip(self.methods, self.state, strict=True) if layer in m.edited_layers()]
+        )
+        if not edit:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        if scaling is None:
+            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        causal = bool(getattr(module, "is_causal", True))
+        out = self.kernel(query, key, value, attention_mask, edit, scaling, causal)
+        return out, None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

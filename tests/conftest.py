@@ -1,0 +1,33 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import kit  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # Small shapes: more threads only add noise and contention on 2-core CI machines.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny():
+    return kit.tiny()
+
+
+@pytest.fixture
+def single(tiny):
+    _, processor = tiny
+    return kit.batch(processor, [kit.PROMPTS[1]], [kit.image(0)])
+
+
+@pytest.fixture
+def padded(tiny):
+    """Three left-padded rows of different lengths; the middle one has no image."""
+    _, processor = tiny
+    return kit.batch(processor, [kit.PROMPTS[0], kit.PROMPTS[2], kit.PROMPTS[1]], [kit.image(1), None, kit.image(2)])

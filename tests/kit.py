@@ -1,0 +1,100 @@
+"""Test kit: tiny offline models, batches, greedy logit traces, and hidden-state probes.
+
+Nothing here downloads anything. Models come from :mod:`mitigate.builtin.tiny_llava` (random, built from
+configs with a word-level tokenizer); images are drawn with PIL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from mitigate.builtin import shapes_image
+from mitigate.builtin.tiny_llava import build_model, build_processor
+
+PROMPTS = [
+    "Is there a red circle in the image?",
+    "Describe this image in detail.",
+    "What color is the square on the left of the picture?",
+    "How many objects are there?",
+]
+
+
+def tiny(seed: int = 0, **config_kwargs):
+    return build_model(seed, **config_kwargs), build_processor()
+
+
+def image(seed: int = 0) -> Image.Image:
+    return shapes_image(seed=seed, count=2)[0]
+
+
+def chat(processor, prompt: str, with_image: bool = True) -> str:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def batch(processor, prompts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
+    """A left-padded batch; a ``None`` image makes a text-only row."""
+    texts = [chat(processor, p, img is not None) for p, img in zip(prompts, images, strict=True)]
+    imgs = [img for img in images if img is not None]
+    return dict(processor(images=imgs or None, text=texts, return_tensors="pt", padding=True))
+
+
+@dataclass
+class Trace:
+    prefill: torch.Tensor  # [B, T, V] logits at every prompt position
+    steps: list[torch.Tensor]  # [B, V] logits at each greedy decode step
+    tokens: torch.Tensor  # [B, steps] the greedy tokens fed back
+
+
+@torch.no_grad()
+def greedy_trace(model, inputs: dict[str, torch.Tensor], steps: int = 5) -> Trace:
+    """Prefill then ``steps`` greedy decode steps with a cache, positions from the padding mask (as generate)."""
+    mask = inputs["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(**inputs, position_ids=positions, use_cache=True)
+    prefill = out.logits.float()
+    cache = out.cache
+    token = prefill[:, -1].argmax(-1)
+    logits, tokens = [], []
+    last = positions[:, -1:]
+    for _ in range(steps):
+        tokens.append(token)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        last = last + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last, cache=cache, use_cache=True)
+        cache = out.cache
+        step = out.logits[:, -1].float()
+        logits.append(step)
+        token = step.argmax(-1)
+    return Trace(prefill=prefill, steps=logits, tokens=torch.stack(tokens, dim=1))
+
+
+def max_diff(a: Trace, b: Trace, valid: torch.Tensor | None = None) -> float:
+    """Largest absolute logit difference over the prompt (valid positions) and every decode step."""
+    pre = (a.prefill - b.prefill).abs()
+    if valid is not None:
+        pre = pre * valid[..., None]
+    diffs = [pre.max()] + [(x - y).abs().max() for x, y in zip(a.steps, b.steps, strict=True)]
+    return float(torch.stack(diffs).max())
+
+
+def row_inputs(inputs: dict[str, torch.Tensor], row: int, processor) -> dict[str, torch.Tensor]:
+    """Row ``row`` of a left-padded batch on its own, padding stripped (pixel rows picked by image order)."""
+    mask = inputs["attention_mask"][row].bool()
+    ids = inputs["input_ids"][row][mask][None]
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    has_image = (inputs["input_ids"] == image_id).any(dim=1)
+    if has_image[row]:
+        index = int(has_image[:row].sum())
+        out["pixel_values"] = inputs["pixel_values"][index : index + 1]
+    return out
+
+
+@torch.no_grad()
+def layer_inputs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Hidden states entering each decoder layer at prefill (index i = input of layer i)."""
+    return model(**inputs, output_hidden_states=True).hidden_states
