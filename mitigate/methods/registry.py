@@ -179,13 +179,11 @@ def resolve_spec(spec: Any, info: ModelInfo, overrides: dict[str, Any]) -> list[
         raise ConfigError(f"method must be a name, a list of names or a dict of name -> params, not {type(spec).__name__}")
     if not items:
         raise ConfigError("no method given")
-    methods = []
     for name, params in items:
         if not isinstance(name, str) or not isinstance(params, dict):
             raise ConfigError(f"bad method entry {name!r}: {params!r}")
-        methods.append(build_method(name, info, params))
-    names = [m.name for m in methods]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    kinds = [find_preset(name, info).method for name, _ in items]
+    dup = sorted({k for k in kinds if kinds.count(k) > 1})
     if dup:
         raise ConfigError(f"method(s) {dup} given more than once")
-    return methods
+    return [build_method(name, info, params) for name, params in items]

@@ -1,0 +1,172 @@
+"""The ``mitigate`` command line: run, methods, calibrate (and the eval commands as they land)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-free hallucination mitigation for VLMs.")
+console = Console()
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:tiny-llava, a local folder or a HF id")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or auto")]
+DeviceOpt = Annotated[str | None, typer.Option("--device-map", help="e.g. cuda, cpu, auto")]
+
+
+def parse_sets(values: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values are YAML (``3``, ``[1, 2]``, ``auto``, ``null``)."""
+    out: dict[str, Any] = {}
+    for item in values or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def parse_method(spec: str) -> str | list[str]:
+    """``var`` or ``var,vhr`` (several methods, composed)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
+@app.command()
+def run(
+    model: ModelOpt = "builtin:tiny-llava",
+    method: Annotated[str, typer.Option(help="method or preset; several as var,vhr")] = "var",
+    image: Annotated[str, typer.Option(help="image file or builtin:sample")] = "builtin:sample",
+    prompt: Annotated[str, typer.Option(help="the user's question")] = "Describe this image in detail.",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 24,
+    kernel: Annotated[str, typer.Option(help="auto, reference, torch, ...")] = "auto",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a parameter: key=value")] = None,
+    dtype: DtypeOpt = None,
+    device_map: DeviceOpt = None,
+) -> None:
+    """Answer one prompt with and without the mitigation, side by side, with what the edit moved."""
+    import torch
+
+    from .api import apply_mitigation
+    from .loading import chat_prompt, load_image, load_model, model_device
+
+    net, processor = load_model(model, dtype=dtype, device_map=device_map)
+    inputs = processor(images=load_image(image), text=chat_prompt(processor, prompt), return_tensors="pt")
+    inputs = inputs.to(model_device(net))
+    start = inputs["input_ids"].shape[1]
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": False}
+    with torch.no_grad():
+        vanilla = net.generate(**inputs, **settings)
+        handle = apply_mitigation(net, parse_method(method), kernel=kernel, **parse_sets(set_))
+        try:
+            with handle.recording() as stats:
+                edited = net.generate(**inputs, **settings)
+            description = repr(handle)
+        finally:
+            handle.remove()
+    decode = processor.tokenizer.batch_decode
+    table = Table(title=f"{model}  |  {prompt}", show_lines=True)
+    table.add_column("vanilla", overflow="fold")
+    table.add_column(str(method), overflow="fold")
+    table.add_row(decode(vanilla[:, start:], skip_special_tokens=True)[0], decode(edited[:, start:], skip_special_tokens=True)[0])
+    console.print(description, markup=False, highlight=False)
+    console.print(table)
+    print_stats(stats.summary())
+
+
+def print_stats(summary: dict[str, dict[int, dict[str, float]]]) -> None:
+    """Per layer: how many (row, head) pairs were edited and the attention mass they moved on average."""
+    if not summary:
+        console.print("No attention edit happened (no layer met the method's conditions).")
+        return
+    for name, layers in summary.items():
+        table = Table(title=f"{name}: what the edit did, per layer")
+        table.add_column("layer", justify="right")
+        table.add_column("edited head-rows", justify="right")
+        table.add_column("of", justify="right")
+        table.add_column("mass moved per edited head-row", justify="right")
+        for layer, values in layers.items():
+            heads, rows = values.get("heads", 0.0), values.get("rows", 0.0)
+            moved = values.get("moved", 0.0) / heads if heads else 0.0
+            table.add_row(str(layer), f"{heads:.0f}", f"{rows:.0f}", f"{moved:.4f}")
+        console.print(table)
+
+
+@app.command("methods")
+def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """Every method and preset, with its parameters, defaults and where each number comes from."""
+    from .methods import list_methods, presets
+    from .methods.registry import method_class
+
+    data: dict[str, Any] = {}
+    for name in list_methods():
+        cls = method_class(name)
+        fields = {k: (f.description or "") for k, f in cls.Config.model_fields.items()}
+        data[name] = {
+            "summary": cls.summary,
+            "parameters": fields,
+            "presets": {
+                p.name: {"summary": p.summary, "models": list(p.models), "params": p.params, "sources": p.sources}
+                for p in presets().values()
+                if p.method == name
+            },
+        }
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for name, info in data.items():
+        console.rule(f"[bold]{name}[/bold]: {info['summary']}")
+        for pname, preset in info["presets"].items():
+            table = Table(title=f"preset {pname}: {preset['summary']}", title_justify="left")
+            table.add_column("parameter")
+            table.add_column("value")
+            table.add_column("source", overflow="fold")
+            for key, value in preset["params"].items():
+                table.add_row(key, json.dumps(value), preset["sources"].get(key, ""))
+            console.print(table)
+
+
+@app.command()
+def calibrate(
+    model: ModelOpt = "builtin:tiny-llava",
+    image: Annotated[list[str] | None, typer.Option(help="images to probe with (default builtin:sample)")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="prompts to probe with")] = None,
+    top: Annotated[int, typer.Option(min=1, help="how many sink dims to recommend")] = 2,
+    dtype: DtypeOpt = None,
+    device_map: DeviceOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print a model's massive-activation dims (VAR's sink_dims), from a few prompts."""
+    from .calibrate import calibrate as run_calibration
+    from .loading import chat_prompt, load_image, load_model, model_device
+
+    net, processor = load_model(model, dtype=dtype, device_map=device_map)
+    images = [load_image(i) for i in (image or ["builtin:sample"])]
+    prompts = prompt or ["Describe this image in detail.", "Is there a person in the image?"]
+    batches = [
+        processor(images=img, text=chat_prompt(processor, p), return_tensors="pt").to(model_device(net))
+        for img in images
+        for p in prompts
+    ]
+    result = run_calibration(net, batches, top=top)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    table = Table(title=f"{model}: largest RMS-normalised activations per layer")
+    table.add_column("layer", justify="right")
+    table.add_column("top dims (score)")
+    for layer, dims in result.per_layer.items():
+        table.add_row(str(layer), ", ".join(f"{d} ({s:.1f})" for d, s in dims))
+    console.print(table)
+    console.print(f"recommended sink_dims: {result.recommended}  (use: --set 'sink_dims={result.recommended}')")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
