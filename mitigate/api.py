@@ -103,7 +103,9 @@ class Mitigation:
         return "\n".join(lines) + "\n)"
 
 
-def apply_mitigation(model: nn.Module, method: MethodSpec, *, kernel: str = "auto", **overrides: Any) -> Mitigation:
+def apply_mitigation(
+    model: nn.Module, method: MethodSpec, *, kernel: str = "auto", **overrides: Any
+) -> Mitigation:
     """Edit ``model``'s attention with one or more methods until ``remove()``.
 
     ``method``: a method name (``"var"``), a preset (``"var-paper"``), a list of names, or a dict
@@ -137,7 +139,9 @@ def get_mitigation(model: nn.Module) -> Mitigation | None:
 
 
 @contextmanager
-def mitigated(model: nn.Module, method: MethodSpec, *, kernel: str = "auto", **overrides: Any) -> Iterator[Mitigation]:
+def mitigated(
+    model: nn.Module, method: MethodSpec, *, kernel: str = "auto", **overrides: Any
+) -> Iterator[Mitigation]:
     """``with mitigated(model, "var"): model.generate(...)`` -- removed on exit, even on error."""
     handle = apply_mitigation(model, method, kernel=kernel, **overrides)
     try:

@@ -39,7 +39,9 @@ def calibrate(
     for inputs in batches:
         hidden = model(**inputs, output_hidden_states=True).hidden_states
         valid = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
-        for layer, h in enumerate(hidden[:-1]):  # hidden[i] enters layer i; the last is the final norm's input
+        for layer, h in enumerate(
+            hidden[:-1]
+        ):  # hidden[i] enters layer i; the last is the final norm's input
             if layer < first_layer:
                 continue
             h = h.float()

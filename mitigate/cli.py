@@ -10,7 +10,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-free hallucination mitigation for VLMs.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Training-free hallucination mitigation for VLMs."
+)
 console = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:tiny-llava, a local folder or a HF id")]
@@ -71,7 +73,10 @@ def run(
     table = Table(title=f"{model}  |  {prompt}", show_lines=True)
     table.add_column("vanilla", overflow="fold")
     table.add_column(str(method), overflow="fold")
-    table.add_row(decode(vanilla[:, start:], skip_special_tokens=True)[0], decode(edited[:, start:], skip_special_tokens=True)[0])
+    table.add_row(
+        decode(vanilla[:, start:], skip_special_tokens=True)[0],
+        decode(edited[:, start:], skip_special_tokens=True)[0],
+    )
     console.print(description, markup=False, highlight=False)
     console.print(table)
     print_stats(stats.summary())
@@ -96,7 +101,9 @@ def print_stats(summary: dict[str, dict[int, dict[str, float]]]) -> None:
 
 
 @app.command("methods")
-def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+def methods_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
     """Every method and preset, with its parameters, defaults and where each number comes from."""
     from .methods import list_methods, presets
     from .methods.registry import method_class
@@ -109,7 +116,12 @@ def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-re
             "summary": cls.summary,
             "parameters": fields,
             "presets": {
-                p.name: {"summary": p.summary, "models": list(p.models), "params": p.params, "sources": p.sources}
+                p.name: {
+                    "summary": p.summary,
+                    "models": list(p.models),
+                    "params": p.params,
+                    "sources": p.sources,
+                }
                 for p in presets().values()
                 if p.method == name
             },
@@ -132,7 +144,9 @@ def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-re
 @app.command()
 def calibrate(
     model: ModelOpt = "builtin:tiny-llava",
-    image: Annotated[list[str] | None, typer.Option(help="images to probe with (default builtin:sample)")] = None,
+    image: Annotated[
+        list[str] | None, typer.Option(help="images to probe with (default builtin:sample)")
+    ] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="prompts to probe with")] = None,
     top: Annotated[int, typer.Option(min=1, help="how many sink dims to recommend")] = 2,
     dtype: DtypeOpt = None,
@@ -161,7 +175,9 @@ def calibrate(
     for layer, dims in result.per_layer.items():
         table.add_row(str(layer), ", ".join(f"{d} ({s:.1f})" for d, s in dims))
     console.print(table)
-    console.print(f"recommended sink_dims: {result.recommended}  (use: --set 'sink_dims={result.recommended}')")
+    console.print(
+        f"recommended sink_dims: {result.recommended}  (use: --set 'sink_dims={result.recommended}')"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

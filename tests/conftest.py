@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import kit  # noqa: E402
+import kit
 
 
 @pytest.fixture(autouse=True)
@@ -30,4 +30,6 @@ def single(tiny):
 def padded(tiny):
     """Three left-padded rows of different lengths; the middle one has no image."""
     _, processor = tiny
-    return kit.batch(processor, [kit.PROMPTS[0], kit.PROMPTS[2], kit.PROMPTS[1]], [kit.image(1), None, kit.image(2)])
+    return kit.batch(
+        processor, [kit.PROMPTS[0], kit.PROMPTS[2], kit.PROMPTS[1]], [kit.image(1), None, kit.image(2)]
+    )

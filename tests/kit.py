@@ -51,7 +51,7 @@ class Trace:
 
 @torch.no_grad()
 def greedy_trace(model, inputs: dict[str, torch.Tensor], steps: int = 5) -> Trace:
-    """Prefill then ``steps`` greedy decode steps with a cache, positions from the padding mask (as generate)."""
+    """Prefill, then ``steps`` greedy decode steps with a cache; positions from the padding mask, as generate."""
     mask = inputs["attention_mask"]
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     out = model(**inputs, position_ids=positions, use_cache=True)
@@ -64,7 +64,9 @@ def greedy_trace(model, inputs: dict[str, torch.Tensor], steps: int = 5) -> Trac
         tokens.append(token)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last = last + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last, cache=cache, use_cache=True)
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=last, cache=cache, use_cache=True
+        )
         cache = out.cache
         step = out.logits[:, -1].float()
         logits.append(step)

@@ -65,7 +65,7 @@ class EagerOracle:
         return hook
 
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        bsz, heads, nq, _ = query.shape
+        _bsz, heads, nq, _ = query.shape
         nk = key.shape[2]
         groups = heads // key.shape[1]
         k = key.float().repeat_interleave(groups, dim=1)
@@ -108,7 +108,18 @@ class EagerOracle:
 class VAROracle(EagerOracle):
     """VAR as DESIGN.md states it, with loops over batch rows, query rows and heads."""
 
-    def __init__(self, model, image_token_id, *, sink_dims, tau, moved_fraction, min_nonsink_ratio, min_image_mass, layers):
+    def __init__(
+        self,
+        model,
+        image_token_id,
+        *,
+        sink_dims,
+        tau,
+        moved_fraction,
+        min_nonsink_ratio,
+        min_image_mass,
+        layers,
+    ):
         super().__init__(model, image_token_id)
         self.dims = sink_dims
         self.tau = tau

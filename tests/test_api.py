@@ -1,10 +1,10 @@
 """Public API: spec forms, presets, errors for bad input, replacement, handles."""
 
+import kit
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import kit
 from mitigate import (
     ConfigError,
     UnknownMethodError,
@@ -61,7 +61,9 @@ def test_bad_input_is_a_clear_error(tiny, spec, overrides, error, words):
 
 def test_non_vlm_and_unsupported_models_name_the_supported_families():
     text_only = LlamaForCausalLM(
-        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
     )
     with pytest.raises(UnsupportedModelError, match=r"not a vision-language model.*llava"):
         apply_mitigation(text_only, "var")
@@ -94,7 +96,9 @@ def test_applying_twice_replaces(tiny, single):
 def test_disabled_block_runs_vanilla(tiny, single):
     model, _ = tiny
     vanilla = kit.greedy_trace(model, single, steps=2)
-    with mitigated(model, "var", sink_dims="auto", tau=1.5, min_image_mass=0.0, min_nonsink_ratio=0.0) as handle:
+    with mitigated(
+        model, "var", sink_dims="auto", tau=1.5, min_image_mass=0.0, min_nonsink_ratio=0.0
+    ) as handle:
         edited = kit.greedy_trace(model, single, steps=2)
         with handle.disabled():
             plain = kit.greedy_trace(model, single, steps=2)

@@ -10,7 +10,9 @@ runner = CliRunner()
 
 
 def test_run_prints_both_answers_and_the_moved_mass():
-    result = runner.invoke(app, ["run", "--model", "builtin:tiny-llava", "--method", "var", "--max-new-tokens", "4"])
+    result = runner.invoke(
+        app, ["run", "--model", "builtin:tiny-llava", "--method", "var", "--max-new-tokens", "4"]
+    )
     assert result.exit_code == 0, result.output
     assert "vanilla" in result.output and "var-tiny" in result.output
     assert "mass moved" in result.output

@@ -1,10 +1,10 @@
 """VAR on the tiny LLaVA: against an independent implementation, removal, batching, state reset."""
 
+import kit
 import pytest
 import torch
 from oracles import VAROracle
 
-import kit
 from mitigate import apply_mitigation, mitigated
 
 BASE = {"moved_fraction": 0.6, "min_nonsink_ratio": 0.3, "min_image_mass": 0.05}
@@ -39,7 +39,9 @@ def test_var_matches_independent_formula(tiny, single, layers):
     expected = oracle_trace(model, single, params)
     with mitigated(model, "var", kernel="reference", **params):
         got = kit.greedy_trace(model, single)
-    assert kit.max_diff(expected, vanilla) > 1e-3, "the edit must change the logits for this test to mean anything"
+    assert kit.max_diff(expected, vanilla) > 1e-3, (
+        "the edit must change the logits for this test to mean anything"
+    )
     assert kit.max_diff(got, expected) <= 1e-4
 
 
@@ -117,9 +119,9 @@ def test_text_only_prompt_is_untouched(tiny):
 
 def test_recording_reports_moved_mass(tiny, single):
     model, _ = tiny
-    with mitigated(model, "var", kernel="reference", **BASE, **sink_params(model, single)) as handle:
-        with handle.recording() as stats:
-            model.generate(**single, max_new_tokens=3, do_sample=False)
+    params = {**BASE, **sink_params(model, single)}
+    with mitigated(model, "var", kernel="reference", **params) as handle, handle.recording() as stats:
+        model.generate(**single, max_new_tokens=3, do_sample=False)
     summary = stats.summary()["var"]
     assert set(summary) <= {2, 3} and summary
     assert all(v["moved"] >= 0 and v["heads"] <= v["rows"] for v in summary.values())

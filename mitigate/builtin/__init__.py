@@ -22,14 +22,18 @@ def load_model(spec: str, dtype=None):
         from . import tiny_llava
 
         return tiny_llava.load(dtype=dtype)
-    raise ValueError(f"unknown built-in model {spec!r}; built-in models: {', '.join(PREFIX + m for m in MODELS)}")
+    raise ValueError(
+        f"unknown built-in model {spec!r}; built-in models: {', '.join(PREFIX + m for m in MODELS)}"
+    )
 
 
 def load_image(spec: str) -> Image.Image:
     name = spec.removeprefix(PREFIX)
     if name == "sample":
         return sample_image()
-    raise ValueError(f"unknown built-in image {spec!r}; built-in images: {', '.join(PREFIX + i for i in IMAGES)}")
+    raise ValueError(
+        f"unknown built-in image {spec!r}; built-in images: {', '.join(PREFIX + i for i in IMAGES)}"
+    )
 
 
 __all__ = ["is_builtin", "load_image", "load_model", "sample_image", "shapes_image"]

@@ -55,9 +55,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {word: i for i, word in enumerate(VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     # Like Llama tokenizers, prompts start with BOS (usually a text attention sink in real models).
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -140,7 +144,9 @@ def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> LlavaFo
     return model.eval()
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def load(
+    seed: int = 0, dtype: torch.dtype | None = None
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     model = build_model(seed)
     if dtype is not None:
         model = model.to(dtype)

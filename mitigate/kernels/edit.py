@@ -118,5 +118,7 @@ def apply_mass_fn(op: MassTransfer, masses: torch.Tensor) -> torch.Tensor:
     """Run ``op.fn`` and check the contract cheaply (shape); zero-mass groups stay at zero."""
     new = op.fn(masses)
     if new.shape != masses.shape:
-        raise RuntimeError(f"mass transfer {op.name!r} returned shape {tuple(new.shape)}, expected {tuple(masses.shape)}")
+        raise RuntimeError(
+            f"mass transfer {op.name!r} returned shape {tuple(new.shape)}, expected {tuple(masses.shape)}"
+        )
     return torch.where(masses > 0, new, torch.zeros_like(new))

@@ -176,7 +176,9 @@ def resolve_spec(spec: Any, info: ModelInfo, overrides: dict[str, Any]) -> list[
     elif isinstance(spec, list | tuple):
         items = [(name, {}) for name in spec]
     else:
-        raise ConfigError(f"method must be a name, a list of names or a dict of name -> params, not {type(spec).__name__}")
+        raise ConfigError(
+            f"method must be a name, a list of names or a dict of name -> params, not {type(spec).__name__}"
+        )
     if not items:
         raise ConfigError("no method given")
     for name, params in items:

@@ -62,7 +62,9 @@ def sink_scores(hidden: torch.Tensor, dims: list[int] | str, eps: float, valid: 
     return picked.amax(-1)
 
 
-def var_masses(masses: torch.Tensor, fraction: float, min_ratio: float, min_image: float) -> tuple[torch.Tensor, torch.Tensor]:
+def var_masses(
+    masses: torch.Tensor, fraction: float, min_ratio: float, min_image: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New group masses for VAR and the gate ``[B, H, R]`` (see module docstring)."""
     other, text_sink, image_sink, image = masses.unbind(-1)
     image_mass = image_sink + image
@@ -92,7 +94,9 @@ class VAR(Method):
     def hidden_layers(self) -> frozenset[int]:
         return frozenset(self.layers)
 
-    def observe_hidden(self, layer_idx: int, hidden: torch.Tensor, layout: TokenLayout, state: dict[str, Any]) -> None:
+    def observe_hidden(
+        self, layer_idx: int, hidden: torch.Tensor, layout: TokenLayout, state: dict[str, Any]
+    ) -> None:
         scores = sink_scores(hidden, self.config.sink_dims, RMS_EPS, layout.valid)
         sinks = (scores > self.config.tau) & layout.valid
         image_sink_rows = (sinks & layout.image).any(dim=1)  # [B]
@@ -125,4 +129,3 @@ class VAR(Method):
             return new
 
         return [MassTransfer(rows=rows, groups=groups, num_groups=4, fn=fn, name=self.name)]
-

@@ -62,7 +62,7 @@ class Adapter:
         return int(token)
 
     def image_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        """bool ``[B, T]`` of image placeholder positions, from ids or (failing that) placeholder embeddings."""
+        """bool ``[B, T]``: image placeholder positions, from the ids or else the placeholder embeddings."""
         token = self.image_token_id()
         if input_ids is not None:
             return input_ids == token
@@ -77,7 +77,9 @@ class Adapter:
         heads = cfg.num_attention_heads
         return ModelInfo(
             family=self.family,
-            name_or_path=str(getattr(self.model, "name_or_path", "") or getattr(self.model.config, "_name_or_path", "")),
+            name_or_path=str(
+                getattr(self.model, "name_or_path", "") or getattr(self.model.config, "_name_or_path", "")
+            ),
             num_layers=len(self.decoder_layers()),
             num_heads=heads,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
@@ -113,15 +115,18 @@ def find_adapter(model: nn.Module) -> Adapter:
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(
-            f"{type(model).__name__} is not a Hugging Face model (no .config); mitigate supports: {supported_families()}"
+            f"{type(model).__name__} is not a Hugging Face model (no .config); "
+            f"mitigate supports: {supported_families()}"
         )
     name = type(config).__name__
     for adapter in ADAPTERS:
         if name in adapter.config_classes:
             return adapter(model)
     is_vlm = hasattr(config, "vision_config") or getattr(config, "image_token_id", None) is not None
-    what = "a vision-language model of a family mitigate has no adapter for" if is_vlm else (
-        "not a vision-language model (mitigate edits attention to image tokens)"
+    what = (
+        "a vision-language model of a family mitigate has no adapter for"
+        if is_vlm
+        else ("not a vision-language model (mitigate edits attention to image tokens)")
     )
     raise UnsupportedModelError(
         f"{type(model).__name__} ({name}) is {what}; supported families: {supported_families()}"

@@ -44,7 +44,7 @@ class TokenLayout:
         return torch.nn.functional.pad(mask, (0, num_keys - mask.shape[1]), value=False)
 
     def rows_after_image(self, positions: torch.Tensor) -> torch.Tensor:
-        """bool ``[B, Nq]``: query positions strictly after the row's last image token (False without image)."""
+        """bool ``[B, Nq]``: positions strictly after the row's last image token (False without image)."""
         return (positions[None, :] > self.last_image[:, None]) & self.has_image[:, None]
 
 
@@ -65,5 +65,11 @@ def build_layout(image_mask: torch.Tensor, attention_mask: torch.Tensor | None) 
     prefix = valid & (pos < first[:, None]) & has[:, None]
     query = valid & (pos > last[:, None])
     return TokenLayout(
-        valid=valid, image=image, prefix=prefix, query=query, first_image=first, last_image=last, prompt_len=seq
+        valid=valid,
+        image=image,
+        prefix=prefix,
+        query=query,
+        first_image=first,
+        last_image=last,
+        prompt_len=seq,
     )

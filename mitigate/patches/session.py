@@ -47,7 +47,9 @@ def mitigate_attention(
     """The function registered as ``"mitigate"``: route to the module's session, else plain SDPA."""
     session = _SESSIONS.get(module)
     if session is None or not session.enabled:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     return session.attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
@@ -189,7 +191,11 @@ class Session:
             stats=self.stats,
         )
         edit = combine(
-            [m.edit(call, s) for m, s in zip(self.methods, self.state, strict=True) if layer in m.edited_layers()]
+            [
+                m.edit(call, s)
+                for m, s in zip(self.methods, self.state, strict=True)
+                if layer in m.edited_layers()
+            ]
         )
         if not edit:
             return sdpa_attention_forward(
