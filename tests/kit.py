@@ -51,7 +51,7 @@ class Trace:
 
 @torch.no_grad()
 def greedy_trace(model, inputs: dict[str, torch.Tensor], steps: int = 5) -> Trace:
-    """Prefill, then ``steps`` greedy decode steps with a cache; positions from the padding mask, as generate."""
+    """Prefill, then ``steps`` greedy decode steps with a cache (positions from the mask, as generate)."""
     mask = inputs["attention_mask"]
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     out = model(**inputs, position_ids=positions, use_cache=True)
