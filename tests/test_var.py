@@ -6,8 +6,19 @@ import torch
 from oracles import VAROracle
 
 from mitigate import apply_mitigation, mitigated
+from mitigate.kernels import torch_sdpa
 
 BASE = {"moved_fraction": 0.6, "min_nonsink_ratio": 0.3, "min_image_mass": 0.05}
+
+
+@pytest.fixture(params=["reference", "torch", "torch-grouped"])
+def kernel(request, monkeypatch):
+    """Each kernel; ``torch-grouped`` forces tiny row chunks so prefill takes the grouped SDPA path."""
+    if request.param == "torch-grouped":
+        monkeypatch.setattr(torch_sdpa, "MIN_CHUNK_BYTES", 0)
+        monkeypatch.setattr(torch_sdpa, "CHUNK_BYTES", 1)
+        return "torch"
+    return request.param
 
 
 def sink_params(model, inputs, layers=(2, 3)):
@@ -32,12 +43,12 @@ def oracle_trace(model, inputs, params, steps=5):
 
 
 @pytest.mark.parametrize("layers", [(2, 3), (1, 3)])
-def test_var_matches_independent_formula(tiny, single, layers):
+def test_var_matches_independent_formula(tiny, single, layers, kernel):
     model, _ = tiny
     params = {**BASE, **sink_params(model, single, layers)}
     vanilla = kit.greedy_trace(model, single)
     expected = oracle_trace(model, single, params)
-    with mitigated(model, "var", kernel="reference", **params):
+    with mitigated(model, "var", kernel=kernel, **params):
         got = kit.greedy_trace(model, single)
     assert kit.max_diff(expected, vanilla) > 1e-3, (
         "the edit must change the logits for this test to mean anything"
@@ -45,30 +56,30 @@ def test_var_matches_independent_formula(tiny, single, layers):
     assert kit.max_diff(got, expected) <= 1e-4
 
 
-def test_var_auto_dims_match_independent_formula(tiny, single):
+def test_var_auto_dims_match_independent_formula(tiny, single, kernel):
     model, _ = tiny
     params = {**BASE, "sink_dims": "auto", "tau": 2.0, "layers": [2, 3]}
     vanilla = kit.greedy_trace(model, single)
     expected = oracle_trace(model, single, params)
-    with mitigated(model, "var", kernel="reference", **params):
+    with mitigated(model, "var", kernel=kernel, **params):
         got = kit.greedy_trace(model, single)
     assert kit.max_diff(expected, vanilla) > 1e-3
     assert kit.max_diff(got, expected) <= 1e-4
 
 
-def test_remove_and_context_restore_bit_identical(tiny, single):
+def test_remove_and_context_restore_bit_identical(tiny, single, kernel):
     model, _ = tiny
     params = {**BASE, **sink_params(model, single)}
     before = kit.greedy_trace(model, single)
     generated = model.generate(**single, max_new_tokens=6, do_sample=False)
-    handle = apply_mitigation(model, "var", kernel="reference", **params)
+    handle = apply_mitigation(model, "var", kernel=kernel, **params)
     during = kit.greedy_trace(model, single)
     handle.remove()
     after = kit.greedy_trace(model, single)
     assert kit.max_diff(during, before) > 1e-3
     assert torch.equal(before.prefill, after.prefill)
     assert all(torch.equal(a, b) for a, b in zip(before.steps, after.steps, strict=True))
-    with mitigated(model, "var", kernel="reference", **params):
+    with mitigated(model, "var", kernel=kernel, **params):
         pass
     again = kit.greedy_trace(model, single)
     assert torch.equal(before.prefill, again.prefill)
@@ -76,11 +87,11 @@ def test_remove_and_context_restore_bit_identical(tiny, single):
     assert model.config.text_config._attn_implementation == "sdpa"
 
 
-def test_batched_left_padded_equals_one_at_a_time(tiny, padded):
+def test_batched_left_padded_equals_one_at_a_time(tiny, padded, kernel):
     model, processor = tiny
     rows = [kit.row_inputs(padded, r, processor) for r in range(3)]
     params = {**BASE, **sink_params(model, rows[0])}
-    with mitigated(model, "var", kernel="reference", **params) as handle:
+    with mitigated(model, "var", kernel=kernel, **params) as handle:
         batched = kit.greedy_trace(model, padded)
         singles = [kit.greedy_trace(model, row) for row in rows]
         with handle.recording() as stats:

@@ -12,10 +12,11 @@ import torch
 
 from .edit import AttentionEdit, HeadScale, LogitEdit, MassTransfer, combine
 from .reference import reference_attention
+from .torch_sdpa import torch_attention
 
 Kernel = Callable[..., torch.Tensor]
 
-_KERNELS: dict[str, Kernel] = {"reference": reference_attention}
+_KERNELS: dict[str, Kernel] = {"reference": reference_attention, "torch": torch_attention}
 
 
 def register_kernel(name: str, fn: Kernel) -> None:

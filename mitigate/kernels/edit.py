@@ -8,6 +8,8 @@ the numbers of the eager reference (:mod:`mitigate.kernels.reference`) for every
   Masked keys stay masked (the mask is applied after the edit).
 * :class:`MassTransfer` -- after the softmax: keys are partitioned into ``num_groups`` groups; ``fn`` maps
   each (batch, head, row) vector of group masses ``m_g = sum_{j in g} p_j`` to new group masses ``w_g``.
+  It is called as ``fn(masses [B, H, R, G], rows [B, R])`` on whichever ``R`` rows a kernel computes,
+  with ``rows`` telling which of them the op edits (the kernel ignores the result elsewhere).
   Inside a group the distribution is unchanged, so the edited output is ``sum_g w_g o_g / sum_g w_g`` with
   ``o_g`` the group's normalised partial output. That is what lets fast kernels run without the full
   matrix. ``fn`` must be row-local and non-negative; the result is renormalised, and groups with zero mass
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MassFn = Callable[[torch.Tensor], torch.Tensor]
+MassFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ class LogitEdit:
 class MassTransfer:
     """Move probability mass between key groups on the rows in ``rows``.
 
-    ``groups`` is int64 ``[B, Nk]`` with values in ``[0, num_groups)``. ``fn`` takes masses
-    ``[B, H, R, G]`` (fp32) and returns the new masses, same shape. ``R`` is any number of rows.
+    ``groups`` is int64 ``[B, Nk]`` with values in ``[0, num_groups)``. ``fn(masses, rows)`` takes masses
+    ``[B, H, R, G]`` (fp32) and the op's row mask for those rows ``[B, R]``, and returns the new masses.
     """
 
     rows: torch.Tensor
@@ -114,9 +116,9 @@ def combine(per_method: list[list[Op]]) -> AttentionEdit:
     return AttentionEdit(flat)
 
 
-def apply_mass_fn(op: MassTransfer, masses: torch.Tensor) -> torch.Tensor:
+def apply_mass_fn(op: MassTransfer, masses: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Run ``op.fn`` and check the contract cheaply (shape); zero-mass groups stay at zero."""
-    new = op.fn(masses)
+    new = op.fn(masses, rows)
     if new.shape != masses.shape:
         raise RuntimeError(
             f"mass transfer {op.name!r} returned shape {tuple(new.shape)}, expected {tuple(masses.shape)}"

@@ -32,7 +32,7 @@ def group_masses(p: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torc
 def transfer_mass(p: torch.Tensor, op: MassTransfer) -> torch.Tensor:
     """Rescale each group of keys to its new mass from ``op.fn`` and renormalise, on ``op.rows`` only."""
     masses = group_masses(p, op.groups, op.num_groups)
-    new = apply_mass_fn(op, masses)
+    new = apply_mass_fn(op, masses, op.rows)
     ratio = torch.where(masses > 0, new / masses.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(new))
     index = op.groups[:, None, None, :].expand(p.shape)
     edited = p * ratio.gather(-1, index)

@@ -120,12 +120,14 @@ class VAR(Method):
         cfg = self.config
         stats = call.stats
 
-        def fn(masses: torch.Tensor) -> torch.Tensor:
+        def fn(masses: torch.Tensor, edited_rows: torch.Tensor) -> torch.Tensor:
             new, gate = var_masses(masses, cfg.moved_fraction, cfg.min_nonsink_ratio, cfg.min_image_mass)
             if stats is not None:
-                edited = gate & rows[:, None, :]
+                edited = gate & edited_rows[:, None, :]
                 moved = (new[..., IMAGE] - masses[..., IMAGE]) * edited
-                stats.add(self.name, layer, moved=moved, heads=edited, rows=rows.sum() * masses.shape[1])
+                stats.add(
+                    self.name, layer, moved=moved, heads=edited, rows=edited_rows.sum() * masses.shape[1]
+                )
             return new
 
         return [MassTransfer(rows=rows, groups=groups, num_groups=4, fn=fn, name=self.name)]
