@@ -144,8 +144,10 @@ def test_torch_kernel_matches_reference(case, monkeypatch):
 def test_every_kind_and_path(kind, path, monkeypatch):
     """Deterministic coverage of every edit kind on both paths (hypothesis may miss a combination)."""
     for seed in range(3):
-        case = dict(bsz=3, kv_heads=2, ratio=2, dim=16, nk=20, phase="prefill", causal=True, padded=True,
-                    kind=kind, rows="suffix", per_head=True, dtype=torch.float32, path=path, seed=seed)  # fmt: skip
+        case = {
+            **dict(bsz=3, kv_heads=2, ratio=2, dim=16, nk=20, phase="prefill", causal=True, padded=True),
+            **dict(kind=kind, rows="suffix", per_head=True, dtype=torch.float32, path=path, seed=seed),
+        }
         with monkeypatch.context() as patch:
             run_case(case, patch)
 

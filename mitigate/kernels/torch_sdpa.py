@@ -71,7 +71,7 @@ def torch_attention(
     causal: bool,
 ) -> torch.Tensor:
     """Edited attention output ``[B, Nq, H, D]`` (see module docstring)."""
-    core = [op for op in edit.ops if not op.kind == "head"] if edit is not None else []
+    core = [op for op in edit.ops if op.kind != "head"] if edit is not None else []
     if not core:
         out = sdpa(query, key, value, attention_mask, scaling, causal)
     elif _key_scaling_only(core):
