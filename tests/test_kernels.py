@@ -100,7 +100,7 @@ def cases(draw):
         rows=draw(st.sampled_from(["all", "last", "suffix", "random"])),
         per_head=draw(st.booleans()),
         dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
-        path=draw(st.sampled_from(["whole", "chunked"])),
+        path=draw(st.sampled_from(["whole", "chunked", "grouped"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -121,9 +121,11 @@ def run_case(case, monkeypatch):
     else:
         mask = None
     edit = make_edit(gen, case["kind"], bsz, heads, nq, nk, case["rows"], case["per_head"])
-    if case["path"] == "chunked":  # force few rows per chunk: plain SDPA + grouped or chunked rows
+    if case["path"] in ("chunked", "grouped"):  # few rows per chunk: plain SDPA plus edited rows
         monkeypatch.setattr(torch_sdpa, "MIN_CHUNK_BYTES", 0)
         monkeypatch.setattr(torch_sdpa, "CHUNK_BYTES", 4 * 4 * bsz * heads * nk * 2)
+    if case["path"] == "grouped":  # grouped partial states wherever the ops allow them
+        monkeypatch.setattr(torch_sdpa, "MAX_CHUNKS", 0)
     expected = reference_attention(q, k, v, mask, edit, 0.3, causal)
     got = torch_attention(q, k, v, mask, edit, 0.3, causal)
     assert got.shape == expected.shape == (bsz, nq, heads, dim)
@@ -140,7 +142,7 @@ def test_torch_kernel_matches_reference(case, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("path", ["whole", "chunked"])
+@pytest.mark.parametrize("path", ["whole", "chunked", "grouped"])
 def test_every_kind_and_path(kind, path, monkeypatch):
     """Deterministic coverage of every edit kind on both paths (hypothesis may miss a combination)."""
     for seed in range(3):
@@ -157,10 +159,10 @@ def test_grouped_path_is_used_for_many_rows(monkeypatch):
     calls = []
     monkeypatch.setattr(torch_sdpa, "_materialised", lambda *a, **k: calls.append("rows") or 1 / 0)
     monkeypatch.setattr(torch_sdpa, "MIN_CHUNK_BYTES", 0)
-    monkeypatch.setattr(torch_sdpa, "CHUNK_BYTES", 4 * 4 * 2 * 4 * 64 * 4)
+    monkeypatch.setattr(torch_sdpa, "CHUNK_BYTES", 1)  # one row per chunk: 128 chunks would be too many
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 64, 8, generator=gen) for _ in range(3))
-    edit = make_edit(gen, "var", 2, 4, 64, 64, "all", False)
+    q, k, v = (torch.randn(2, 4, 128, 8, generator=gen) for _ in range(3))
+    edit = make_edit(gen, "var", 2, 4, 128, 128, "all", False)
     got = torch_attention(q, k, v, None, edit, 0.5, True)
     assert not calls
     assert (got - reference_attention(q, k, v, None, edit, 0.5, True)).abs().max() <= 1e-5

@@ -17,6 +17,7 @@ def kernel(request, monkeypatch):
     if request.param == "torch-grouped":
         monkeypatch.setattr(torch_sdpa, "MIN_CHUNK_BYTES", 0)
         monkeypatch.setattr(torch_sdpa, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(torch_sdpa, "MAX_CHUNKS", 0)
         return "torch"
     return request.param
 

@@ -36,3 +36,20 @@ def keep_mask(
         if causal and num_queries > 1:
             mask = mask & causal_keep(num_queries, num_keys, device)[None, None]
     return mask
+
+
+def keep_rows(
+    attention_mask: torch.Tensor | None,
+    index: torch.Tensor,
+    num_queries: int,
+    num_keys: int,
+    causal: bool,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """:func:`keep_mask` for the query rows ``index`` only, without building the full causal mask."""
+    if attention_mask is None:
+        if not (causal and num_queries > 1):
+            return None
+        limit = index + (num_keys - num_queries)
+        return (torch.arange(num_keys, device=device)[None, :] <= limit[:, None])[None, None]
+    return keep_mask(attention_mask, 1, num_queries, num_keys, causal, device)[:, :, index]

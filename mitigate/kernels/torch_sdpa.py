@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .edit import AttentionEdit, LogitEdit, MassTransfer, apply_mass_fn
-from .masks import causal_keep, keep_mask
+from .masks import causal_keep, keep_rows
 from .reference import edit_logits, transfer_mass
 
 #: bytes of fp32 temporaries the materialised path may hold at once (per chunk of rows)
@@ -34,6 +34,8 @@ CHUNK_SHARE = 0.125
 MIN_CHUNK_BYTES = 2**20
 #: at most this many combined key groups on the grouped path
 MAX_GROUPS = 8
+#: the materialised path is taken for up to this many chunks of rows (a Python loop, launch-bound on GPU)
+MAX_CHUNKS = 64
 
 
 def sdpa(
@@ -144,9 +146,9 @@ def _edited_rows(query, key, value, mask, core, scaling, causal) -> torch.Tensor
     out = sdpa(query, key, value, mask, scaling, causal).float()
     if selected.numel() == 0:
         return out
-    if selected.numel() > chunk and _grouped_ok(core):
-        edited = _grouped(query, key, value, mask, core, scaling, causal)
-        return torch.where(rows[:, None, :, None], edited, out)
+    if _grouped_ok(core) and _grouped_cheaper(selected.numel(), chunk, nq, core):
+        _grouped(query, key, value, mask, core, scaling, causal, rows, out)
+        return out
     edited = _materialised(query, key, value, mask, core, scaling, causal, selected)
     out[:, :, selected] = torch.where(rows[:, None, selected, None], edited, out[:, :, selected])
     return out
@@ -158,12 +160,11 @@ def _subset(op, index: torch.Tensor):
 
 def _materialised(query, key, value, mask, core, scaling, causal, selected: torch.Tensor) -> torch.Tensor:
     """The eager math on rows ``selected`` only, chunk by chunk: ``[B, H, len(selected), D]`` fp32."""
-    bsz, heads, nq, _ = query.shape
-    nk = key.shape[2]
+    heads, nq, nk = query.shape[1], query.shape[2], key.shape[2]
     groups = heads // key.shape[1]
-    k = key.float().repeat_interleave(groups, dim=1)
-    v = value.float().repeat_interleave(groups, dim=1)
-    keep = keep_mask(mask, bsz, nq, nk, causal, query.device)
+    k, v = key.float(), value.float()
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     chunk = _chunk_rows(query, key, value)
     outs = []
     for start in range(0, selected.numel(), chunk):
@@ -173,8 +174,9 @@ def _materialised(query, key, value, mask, core, scaling, causal, selected: torc
         for op in ops:
             if isinstance(op, LogitEdit):
                 z = edit_logits(z, op)
+        keep = keep_rows(mask, index, nq, nk, causal, query.device)
         if keep is not None:
-            z = z.masked_fill(~keep[:, :, index], float("-inf"))
+            z = z.masked_fill(~keep, float("-inf"))
         p = torch.softmax(z, dim=-1).nan_to_num(0.0)
         for op in ops:
             if isinstance(op, MassTransfer):
@@ -197,6 +199,17 @@ def _grouped_ok(core) -> bool:
     return total <= MAX_GROUPS
 
 
+def _grouped_cheaper(num_rows: int, chunk: int, num_queries: int, core) -> bool:
+    """Grouped costs about G+1 SDPA passes over every row; materialised rows cost about four times
+    SDPA's work per row (eager matmuls, softmax, edits) plus a Python loop over chunks."""
+    groups = 1
+    for op in core:
+        if isinstance(op, MassTransfer):
+            groups *= op.num_groups
+    chunks = -(-num_rows // chunk)
+    return chunks > MAX_CHUNKS or 4 * num_rows > (groups + 1) * num_queries
+
+
 def _combined_groups(masses: list[MassTransfer]) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
     """One partition refining every op's: ``(ids [B, Nk], count, per-op map combined -> op group)``."""
     ids = torch.zeros_like(masses[0].groups)
@@ -212,8 +225,9 @@ def _combined_groups(masses: list[MassTransfer]) -> tuple[torch.Tensor, int, lis
     return ids, count, maps
 
 
-def _grouped(query, key, value, mask, core, scaling, causal) -> torch.Tensor:
-    """Edited output for every row, ``[B, H, Nq, D]`` fp32, from G+1 SDPA calls per slice of heads."""
+def _grouped(query, key, value, mask, core, scaling, causal, rows: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the edited output of rows ``rows`` into ``out`` (``[B, H, Nq, D]`` fp32, the plain output),
+    from G+1 SDPA calls per slice of heads, so temporaries are a fraction of the inputs."""
     logits = [op for op in core if isinstance(op, LogitEdit)]
     masses = [op for op in core if isinstance(op, MassTransfer)]
     bsz, heads, nq, dim = query.shape
@@ -226,8 +240,7 @@ def _grouped(query, key, value, mask, core, scaling, causal) -> torch.Tensor:
         v = v.repeat_interleave(k.shape[1] // v.shape[1], dim=1)
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    slice_kv = max(1, kv_heads // 4)  # four slices of heads: temporaries stay a fraction of the inputs
-    out = torch.empty(bsz, heads, nq, dim, dtype=torch.float32, device=query.device)
+    slice_kv = max(1, kv_heads // 8)  # eight slices of heads: temporaries stay a fraction of the inputs
     for kv0 in range(0, kv_heads, slice_kv):
         kv1 = min(kv_heads, kv0 + slice_kv)
         h0, h1 = kv0 * group, kv1 * group
@@ -255,5 +268,4 @@ def _grouped(query, key, value, mask, core, scaling, causal) -> torch.Tensor:
         for g in range(count):
             part = sdpa(qs, ks, vs * onehot[:, None, :, g : g + 1], mask, scaling, causal)
             acc += factor[..., g : g + 1] * part
-        out[:, h0:h1] = acc
-    return out
+        out[:, h0:h1] = torch.where(rows[:, None, :, None], acc, out[:, h0:h1])
