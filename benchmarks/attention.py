@@ -28,9 +28,8 @@ RESULTS = Path(__file__).parent / "results"
 def machine(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
     try:
-        info["cpu"] = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
+        with open("/proc/cpuinfo") as fh:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     info["cpu_threads"] = torch.get_num_threads()
@@ -135,9 +134,8 @@ def main() -> None:
         "machine": machine(device),
         "results": rows,
     }
-    print(
-        f"{'T':>6} {'phase':>8} {'kernel':>10} {'time':>11} {'x vanilla':>10} {'peak MiB':>10} {'x vanilla':>10}"
-    )
+    header = ("T", "phase", "kernel", "time", "x vanilla", "peak MiB", "x vanilla")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (6, 8, 10, 11, 10, 10, 10), strict=True)))
     for row in rows:
         for kernel in ("vanilla", "reference", "torch"):
             if kernel not in row:

@@ -1,5 +1,8 @@
 """Every fast kernel against the eager reference, on random shapes, masks and edits (hypothesis)."""
 
+import os
+from dataclasses import fields, replace
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +14,20 @@ from mitigate.kernels.torch_sdpa import torch_attention
 from mitigate.methods.var import var_masses
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+#: MITIGATE_TEST_DEVICE=cuda runs the same comparisons on a GPU
+DEVICE = torch.device(os.environ.get("MITIGATE_TEST_DEVICE", "cpu"))
+
+
+def on_device(edit: AttentionEdit) -> AttentionEdit:
+    def move(op):
+        moved = {
+            f.name: getattr(op, f.name).to(DEVICE) for f in fields(op) if torch.is_tensor(getattr(op, f.name))
+        }
+        return replace(op, **moved)
+
+    return AttentionEdit([move(op) for op in edit.ops])
+
+
 KINDS = ["scale", "abs", "bias", "mass", "var", "head", "scale+mass", "two-mass", "all"]
 
 
@@ -120,7 +137,9 @@ def run_case(case, monkeypatch):
         mask = padded_mask(pad, nq, nk, causal)
     else:
         mask = None
-    edit = make_edit(gen, case["kind"], bsz, heads, nq, nk, case["rows"], case["per_head"])
+    edit = on_device(make_edit(gen, case["kind"], bsz, heads, nq, nk, case["rows"], case["per_head"]))
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    mask = mask.to(DEVICE) if mask is not None else None
     if case["path"] in ("chunked", "grouped"):  # few rows per chunk: plain SDPA plus edited rows
         monkeypatch.setattr(torch_sdpa, "MIN_CHUNK_BYTES", 0)
         monkeypatch.setattr(torch_sdpa, "CHUNK_BYTES", 4 * 4 * bsz * heads * nk * 2)
