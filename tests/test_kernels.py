@@ -149,7 +149,10 @@ def run_case(case, monkeypatch):
     got = torch_attention(q, k, v, mask, edit, 0.3, causal)
     assert got.shape == expected.shape == (bsz, nq, heads, dim)
     assert got.dtype == case["dtype"]
-    err = (got.float() - expected.float()).abs().max().item()
+    # query rows that see no key at all (left padding) are don't-care: transformers never reads them
+    seen = torch.ones(bsz, nq, dtype=torch.bool, device=DEVICE) if mask is None else mask.any(-1)[:, 0]
+    assert torch.isfinite(got[seen]).all()
+    err = (got.float() - expected.float())[seen].abs().max().item()
     assert err <= TOL[case["dtype"]], f"{case}: max error {err}"
 
 

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 from .edit import AttentionEdit, LogitEdit, MassTransfer, apply_mass_fn
 from .masks import causal_keep, keep_rows
-from .reference import edit_logits, transfer_mass
+from .reference import edit_logits
 
 #: bytes of fp32 temporaries the materialised path may hold at once (per chunk of rows)
 CHUNK_BYTES = int(os.environ.get("MITIGATE_CHUNK_BYTES", 32 * 2**20))
 #: the materialised path's share of the inputs' size it may use; keeps peak memory near SDPA's
-CHUNK_SHARE = 0.125
+CHUNK_SHARE = 0.25
 #: ... but never less than this (tiny inputs would otherwise be cut into one-row chunks)
 MIN_CHUNK_BYTES = 2**20
 #: at most this many combined key groups on the grouped path
@@ -137,10 +137,8 @@ def _chunk_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> 
 def _edited_rows(query, key, value, mask, core, scaling, causal) -> torch.Tensor:
     nq = query.shape[2]
     chunk = _chunk_rows(query, key, value)
-    if nq <= chunk:  # decode and short prompts: no plain pass, no host sync
-        return _materialised(
-            query, key, value, mask, core, scaling, causal, torch.arange(nq, device=query.device)
-        )
+    if nq <= chunk:  # decode and short prompts: every row at once, no plain pass, no host sync
+        return _materialised(query, key, value, mask, core, scaling, causal, None)
     rows = _union_rows(core)
     selected = rows.any(dim=0).nonzero().squeeze(1)  # one host sync per edited layer at prefill
     out = sdpa(query, key, value, mask, scaling, causal).float()
@@ -158,31 +156,76 @@ def _subset(op, index: torch.Tensor):
     return replace(op, rows=op.rows[:, index])
 
 
-def _materialised(query, key, value, mask, core, scaling, causal, selected: torch.Tensor) -> torch.Tensor:
-    """The eager math on rows ``selected`` only, chunk by chunk: ``[B, H, len(selected), D]`` fp32."""
-    heads, nq, nk = query.shape[1], query.shape[2], key.shape[2]
-    groups = heads // key.shape[1]
-    k, v = key.float(), value.float()
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+_BMM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 4-D operands of one dtype, accumulated and returned in fp32 without upcast copies
+    where the backend can (``bmm(..., out_dtype=float32)`` on CUDA)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _BMM_OUT_DTYPE.get(a.device.type, True):
+        lead = a.shape[:-2]
+        try:
+            a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+            return torch.bmm(a3, b3, out_dtype=torch.float32).view(*lead, a.shape[-2], b.shape[-1])
+        except (TypeError, RuntimeError):
+            _BMM_OUT_DTYPE[a.device.type] = False
+    return a.float() @ b.float()
+
+
+def _transfer(p: torch.Tensor, op: MassTransfer) -> torch.Tensor:
+    """``transfer_mass`` of the reference with fewer passes: masses by scatter-add, one per-key gather."""
+    index = op.groups[:, None, None, :].expand(p.shape)
+    masses = p.new_zeros(*p.shape[:-1], op.num_groups).scatter_add_(-1, index, p)
+    new = apply_mass_fn(op, masses, op.rows)
+    tiny = torch.finfo(p.dtype).tiny
+    total = new.sum(-1, keepdim=True)
+    ratio = new / masses.clamp_min(tiny) / total.clamp_min(tiny)
+    keep = op.rows[:, None, :, None] & (total > 0)
+    ratio = torch.where(keep, ratio, 1.0)
+    return p * ratio.gather(-1, index)
+
+
+def _materialised(query, key, value, mask, core, scaling, causal, selected: torch.Tensor | None):
+    """The eager math on rows ``selected`` (every row if ``None``), chunk by chunk, fp32
+    ``[B, H, rows, D]``. Grouped-query heads share their K/V through a reshape, never a copy."""
+    bsz, heads, nq, dim = query.shape
+    kv_heads, nk = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
     chunk = _chunk_rows(query, key, value)
+    count = nq if selected is None else selected.numel()
+    keys_t = key.transpose(-1, -2)
     outs = []
-    for start in range(0, selected.numel(), chunk):
-        index = selected[start : start + chunk]
-        z = scaling * (query[:, :, index].float() @ k.transpose(-1, -2))
-        ops = [_subset(op, index) for op in core]
+    for start in range(0, count, chunk):
+        if selected is None and count <= chunk:
+            index, q, ops = None, query, core
+        else:
+            index = torch.arange(start, min(count, start + chunk), device=query.device)
+            if selected is not None:
+                index = selected[index]
+            q, ops = query[:, :, index], [_subset(op, index) for op in core]
+        rows = q.shape[2]
+        z = _matmul_f32(q.reshape(bsz, kv_heads, groups * rows, dim), keys_t).view(bsz, heads, rows, nk)
+        z.mul_(scaling)
         for op in ops:
             if isinstance(op, LogitEdit):
                 z = edit_logits(z, op)
-        keep = keep_rows(mask, index, nq, nk, causal, query.device)
+        keep = None
+        if mask is not None or (causal and nq > 1):
+            positions = index if index is not None else torch.arange(nq, device=query.device)
+            keep = keep_rows(mask, positions, nq, nk, causal, query.device)
         if keep is not None:
             z = z.masked_fill(~keep, float("-inf"))
-        p = torch.softmax(z, dim=-1).nan_to_num(0.0)
+        p = torch.softmax(z, dim=-1)
+        if keep is not None:
+            p = p.nan_to_num_(0.0)  # fully masked (padding) rows
         for op in ops:
             if isinstance(op, MassTransfer):
-                p = transfer_mass(p, op)
-        outs.append(p @ v)
-    return torch.cat(outs, dim=2)
+                p = _transfer(p, op)
+        p = p.to(value.dtype).view(bsz, kv_heads, groups * rows, nk)
+        outs.append(_matmul_f32(p, value).view(bsz, heads, rows, dim))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 # -- grouped partial states ---------------------------------------------------------------------

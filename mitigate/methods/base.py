@@ -75,6 +75,7 @@ class Method:
         self.info = info
         self.preset = preset or self.name
         self.layers: tuple[int, ...] = self._check_layers(config.layers, "layers")
+        self._edited_layers = frozenset(self.layers)
 
     # -- configuration ------------------------------------------------------------------------
     def default_layers(self) -> list[int]:
@@ -107,7 +108,7 @@ class Method:
         return frozenset()
 
     def edited_layers(self) -> frozenset[int]:
-        return frozenset(self.layers)
+        return self._edited_layers
 
     def reset(self, state: dict[str, Any], layout: TokenLayout) -> None:
         state.clear()

@@ -23,6 +23,7 @@ import difflib
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -51,6 +52,17 @@ class Preset:
     models: tuple[str, ...] = field(default_factory=tuple)
 
 
+def _config_dir():
+    """The installed ``mitigate.configs`` package, or ``configs/`` of a source checkout on ``sys.path``."""
+    try:
+        return resources.files("mitigate.configs")
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parents[2] / "configs"
+        if not folder.is_dir():
+            raise
+        return folder
+
+
 def _method_classes() -> dict[str, type[Method]]:
     from . import var  # noqa: F401  (registers itself)
 
@@ -61,7 +73,7 @@ def _method_classes() -> dict[str, type[Method]]:
 def presets() -> dict[str, Preset]:
     """All presets from the YAML files, inheritance resolved."""
     raw: dict[str, tuple[str, dict[str, Any]]] = {}
-    for entry in sorted(resources.files("mitigate.configs").iterdir(), key=lambda p: p.name):
+    for entry in sorted(_config_dir().iterdir(), key=lambda p: p.name):
         if not entry.name.endswith(".yaml"):
             continue
         doc = yaml.safe_load(entry.read_text())

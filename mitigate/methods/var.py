@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from ..errors import ConfigError
 from ..kernels.edit import MassTransfer, Op
 from ..patches.adapters import ModelInfo
-from ..patches.layout import TokenLayout
+from ..patches.layout import KeyBuffer, TokenLayout
 from .base import AttentionCall, Method, MethodConfig
 from .registry import register_method
 
@@ -99,9 +99,16 @@ class VAR(Method):
     ) -> None:
         scores = sink_scores(hidden, self.config.sink_dims, RMS_EPS, layout.valid)
         sinks = (scores > self.config.tau) & layout.valid
-        image_sink_rows = (sinks & layout.image).any(dim=1)  # [B]
-        state.setdefault("sinks", {})[layer_idx] = sinks
+        image = layout.image
+        image_sink_rows = (sinks & image).any(dim=1)  # [B]
+        groups = torch.full_like(image, OTHER, dtype=torch.long)
+        groups[sinks & ~image] = TEXT_SINK
+        groups[sinks & image] = IMAGE_SINK
+        groups[~sinks & image] = IMAGE
+        state.setdefault("groups", {})[layer_idx] = KeyBuffer(groups, fill=OTHER)
         state.setdefault("active_rows", {})[layer_idx] = image_sink_rows
+        # decode rows are all after the image: their row mask is fixed for the whole generation
+        state.setdefault("decode_rows", {})[layer_idx] = (image_sink_rows & layout.has_image)[:, None]
         # one host sync per layer per prefill; decode steps then skip inactive layers for free
         state.setdefault("active", {})[layer_idx] = bool(image_sink_rows.any())
 
@@ -109,14 +116,11 @@ class VAR(Method):
         layer = call.layer_idx
         if not state.get("active", {}).get(layer, False):
             return []
-        layout = call.layout
-        sinks = layout.keys_of(state["sinks"][layer], call.num_keys)
-        image = layout.keys("image", call.num_keys)
-        groups = torch.full_like(image, OTHER, dtype=torch.long)
-        groups[sinks & ~image] = TEXT_SINK
-        groups[sinks & image] = IMAGE_SINK
-        groups[~sinks & image] = IMAGE
-        rows = layout.rows_after_image(call.positions) & state["active_rows"][layer][:, None]
+        groups = state["groups"][layer].get(call.num_keys)
+        if not call.prefill and call.positions.shape[0] == 1:
+            rows = state["decode_rows"][layer]
+        else:
+            rows = call.layout.rows_after_image(call.positions) & state["active_rows"][layer][:, None]
         cfg = self.config
         stats = call.stats
 

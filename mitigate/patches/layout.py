@@ -7,9 +7,25 @@ neither image, prefix nor query tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+
+class KeyBuffer:
+    """A per-key prompt tensor ``[B, T]`` seen over ``Nk >= T`` keys, padded with ``fill`` for generated
+    keys. Capacity grows geometrically, so decode steps get a view, not a new tensor each step."""
+
+    def __init__(self, prompt: torch.Tensor, fill: int | bool = 0, extra: int = 64):
+        self.prompt_len = prompt.shape[1]
+        self.fill = fill
+        self._buffer = torch.nn.functional.pad(prompt, (0, extra), value=fill)
+
+    def get(self, num_keys: int) -> torch.Tensor:
+        if num_keys > self._buffer.shape[1]:
+            grow = max(num_keys, 2 * self._buffer.shape[1]) - self._buffer.shape[1]
+            self._buffer = torch.nn.functional.pad(self._buffer, (0, grow), value=self.fill)
+        return self._buffer[:, :num_keys]
 
 
 @dataclass
@@ -23,6 +39,7 @@ class TokenLayout:
     first_image: torch.Tensor
     last_image: torch.Tensor
     prompt_len: int
+    _buffers: dict[str, KeyBuffer] = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -34,7 +51,9 @@ class TokenLayout:
 
     def keys(self, name: str, num_keys: int) -> torch.Tensor:
         """Mask ``name`` over ``num_keys`` key positions; keys past the prompt (generated) are False."""
-        return self.keys_of(getattr(self, name), num_keys)
+        if name not in self._buffers:
+            self._buffers[name] = KeyBuffer(getattr(self, name), fill=False)
+        return self._buffers[name].get(num_keys)
 
     @staticmethod
     def keys_of(mask: torch.Tensor, num_keys: int) -> torch.Tensor:
