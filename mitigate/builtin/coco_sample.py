@@ -132,19 +132,32 @@ def generate(root: Path, seed: int = 0) -> None:
                 }
             )
         image.save(root / SPLIT / file_name(image_id), quality=92)
-        images.append({"id": image_id, "file_name": file_name(image_id), "width": IMAGE_SIZE,
-                       "height": IMAGE_SIZE, "license": 0})  # fmt: skip
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name(image_id),
+                "width": IMAGE_SIZE,
+                "height": IMAGE_SIZE,
+                "license": 0,
+            }
+        )
         for text in _captions(names, rng):
             captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": text})
-    info = {"description": f"mitigate builtin:sample v{VERSION} (generated, seed {seed})", "version": "1.0",
-            "year": 2014}  # fmt: skip
+    info = {
+        "description": f"mitigate builtin:sample v{VERSION} (generated, seed {seed})",
+        "version": "1.0",
+        "year": 2014,
+    }
     categories = [{"id": i, "name": n, "supercategory": s} for i, n, s, _ in CATEGORIES]
-    _write_json(root / "annotations" / f"instances_{SPLIT}.json",
-                {"info": info, "licenses": [], "images": images, "annotations": instances,
-                 "categories": categories})  # fmt: skip
+    _write_json(
+        root / "annotations" / f"instances_{SPLIT}.json",
+        {"info": info, "licenses": [], "images": images, "annotations": instances, "categories": categories},
+    )
     # Written last: its presence marks a complete dataset.
-    _write_json(root / "annotations" / f"captions_{SPLIT}.json",
-                {"info": info, "licenses": [], "images": images, "annotations": captions})  # fmt: skip
+    _write_json(
+        root / "annotations" / f"captions_{SPLIT}.json",
+        {"info": info, "licenses": [], "images": images, "annotations": captions},
+    )
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -30,7 +30,6 @@ import numpy as np
 
 from .coco import CocoData, CocoSetupError
 from .synonyms import SynonymTable
-from .words import singularize, tokenize
 
 PROMPT = "Please describe this image in detail."
 
@@ -42,8 +41,8 @@ DOUBLE_WORDS = [
     "hair drier", "potted plant", "bow tie", "laptop computer", "stove top oven", "hot dog", "teddy bear",
     "home plate", "train track",
 ]  # fmt: skip
-ANIMAL_WORDS = ["bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal",
-                "cub"]  # fmt: skip
+ANIMAL_WORDS = ["bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"]
+ANIMAL_WORDS += ["animal", "cub"]
 VEHICLE_WORDS = ["jet", "train"]
 OVERRIDES = {"bow tie": "tie", "toilet seat": "toilet", "wine glas": "wine glass"}
 
@@ -65,6 +64,13 @@ class Chair:
     """Caption parsing against one synonym table."""
 
     def __init__(self, table: SynonymTable):
+        try:  # imported here so that POPE runs without the [evals] extras
+            from .words import singularize, tokenize
+        except ImportError as error:
+            raise ImportError(
+                f"CHAIR needs nltk and textblob ({error.name} is missing): pip install 'mitigate[evals]'"
+            ) from error
+        self._singularize, self._tokenize = singularize, tokenize
         self.table = table
         self.entries = table.entries
         self.inverse = table.inverse
@@ -78,7 +84,7 @@ class Chair:
         self.merges = merges
 
     def caption_words(self, caption: str) -> CaptionWords:
-        tokens = [singularize(w) for w in tokenize(caption.lower())]
+        tokens = [self._singularize(w) for w in self._tokenize(caption.lower())]
         merged, i = [], 0
         while i < len(tokens):
             pair = " ".join(tokens[i : i + 2])
@@ -142,16 +148,30 @@ class Chair:
         }
 
 
-STATS = ("captions", "hallucinated_captions", "mentions", "hallucinated_mentions", "recalled", "ground_truth",
-         "length")  # fmt: skip
+STATS = (
+    "captions",
+    "hallucinated_captions",
+    "mentions",
+    "hallucinated_mentions",
+    "recalled",
+    "ground_truth",
+    "length",
+)
 METRICS = ("chair_s", "chair_i", "recall", "length")
 
 
 def stat_vector(record: dict[str, Any]) -> np.ndarray:
     return np.array(
-        [1.0, float(bool(record["hallucinated"])), len(record["mentions"]), len(record["hallucinated"]),
-         len(record["recalled"]), len(record["ground_truth"]), record["length"]]
-    )  # fmt: skip
+        [
+            1.0,
+            float(bool(record["hallucinated"])),
+            len(record["mentions"]),
+            len(record["hallucinated"]),
+            len(record["recalled"]),
+            len(record["ground_truth"]),
+            record["length"],
+        ]
+    )
 
 
 def metrics_from_stats(sums: np.ndarray) -> dict[str, np.ndarray]:
@@ -162,5 +182,9 @@ def metrics_from_stats(sums: np.ndarray) -> dict[str, np.ndarray]:
     def ratio(a, b):
         return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
 
-    return {"chair_s": ratio(hcaps, caps), "chair_i": ratio(hmentions, mentions), "recall": ratio(recalled, gt),
-            "length": ratio(length, caps)}  # fmt: skip
+    return {
+        "chair_s": ratio(hcaps, caps),
+        "chair_i": ratio(hmentions, mentions),
+        "recall": ratio(recalled, gt),
+        "length": ratio(length, caps),
+    }

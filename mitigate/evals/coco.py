@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +42,6 @@ def split_of_file(file_name: str, default: str = "val2014") -> str:
     """``COCO_train2014_...jpg`` -> ``train2014``; other names fall back to ``default``."""
     match = _FILE_SPLIT.match(file_name)
     return match.group(1) if match else default
-
-
-def image_id_of_file(file_name: str) -> int | None:
-    match = _FILE_SPLIT.match(file_name)
-    return int(match.group(2)) if match else None
 
 
 class CocoData:
@@ -118,9 +112,6 @@ class CocoData:
             self._cache[key] = out
         return self._cache[key]
 
-    def category_names(self, split: str = "val2014") -> list[str]:
-        return [c["name"] for c in self.coco("instances", split).dataset.get("categories", [])]
-
     def reference_captions(self, split: str = "val2014") -> dict[int, list[str]]:
         key = ("captions_by_image", split)
         if key not in self._cache:
@@ -158,10 +149,6 @@ class CocoData:
                 return image.convert("RGB")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise SampleError(f"image {path} cannot be read: {error}") from error
-
-    @cached_property
-    def description(self) -> dict[str, Any]:
-        return {"coco_root": str(self.root), "label": self.label}
 
 
 def open_data(data: str | None, coco_root: Path | str | None) -> CocoData:

@@ -22,7 +22,7 @@ import hashlib
 import random
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -298,9 +298,18 @@ def score_answers(
     for q in questions:
         text = answers[q.sample_id]
         pred = parse(text, q.label)
-        records.append({"sample_id": q.sample_id, "split": q.split, "question_id": q.question_id,
-                        "image": q.image, "question": q.text, "label": q.label, "text": text,
-                        "pred": pred})  # fmt: skip
+        records.append(
+            {
+                "sample_id": q.sample_id,
+                "split": q.split,
+                "question_id": q.question_id,
+                "image": q.image,
+                "question": q.text,
+                "label": q.label,
+                "text": text,
+                "pred": pred,
+            }
+        )
         counts[q.split] = counts.get(q.split, np.zeros(len(COUNTS))) + count_vector(q.label, pred)
     metrics = to_floats(summarize(counts))
     raw = {s: {k: int(v) for k, v in zip(COUNTS, c, strict=True)} for s, c in counts.items()}
@@ -311,7 +320,3 @@ def to_floats(tree: Any) -> Any:
     if isinstance(tree, dict):
         return {k: to_floats(v) for k, v in tree.items()}
     return float(tree)
-
-
-def question_dicts(questions: list[PopeQuestion]) -> list[dict[str, Any]]:
-    return [asdict(q) for q in questions]

@@ -138,8 +138,9 @@ class SynonymTable:
 def builtin_table() -> SynonymTable:
     rows = tuple((name, *words) for name, words in BUILTIN.items())
     merges = tuple(sorted({e for row in rows for e in row if e.count(" ") == 1}))
-    return SynonymTable(rows, {"table": "built-in", "note": "mitigate's own table, not the CHAIR paper's"},
-                        merges)  # fmt: skip
+    return SynonymTable(
+        rows, {"table": "built-in", "note": "mitigate's own table, not the CHAIR paper's"}, merges
+    )
 
 
 def load_table(path: Path | str | None) -> SynonymTable:

@@ -130,7 +130,7 @@ def list_presets(method: str | None = None) -> list[str]:
 
 
 def _unknown(name: str) -> str:
-    names = list_methods() + list_presets()
+    names = sorted(set(list_methods()) | set(list_presets()))
     close = difflib.get_close_matches(name, names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return f"unknown method or preset {name!r}.{hint} Known: {', '.join(names)}"
