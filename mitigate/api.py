@@ -104,16 +104,18 @@ class Mitigation:
 
 
 def apply_mitigation(
-    model: nn.Module, method: MethodSpec, *, kernel: str = "auto", **overrides: Any
+    model: nn.Module, method: MethodSpec, *, kernel: str = "auto", processor: Any = None, **overrides: Any
 ) -> Mitigation:
     """Edit ``model``'s attention with one or more methods until ``remove()``.
 
     ``method``: a method name (``"var"``), a preset (``"var-paper"``), a list of names, or a dict
     ``{name: {param: value}}``. ``overrides`` set parameters of a single method. ``kernel``: ``"auto"``,
-    ``"reference"`` or another registered kernel. Errors are raised before the model is touched.
+    ``"reference"`` or another registered kernel. ``processor``: the model's processor (or tokenizer),
+    for methods that read the prompt's words (GIFT's informative-token filter). Errors are raised before
+    the model is touched.
     """
     adapter = find_adapter(model)
-    methods = resolve_spec(method, adapter.info(), overrides)
+    methods = resolve_spec(method, adapter.info(), overrides, processor)
     session = Session(model, adapter, methods, kernel=kernel)
     previous = _BY_MODEL.get(model)
     if previous is not None:
@@ -140,10 +142,10 @@ def get_mitigation(model: nn.Module) -> Mitigation | None:
 
 @contextmanager
 def mitigated(
-    model: nn.Module, method: MethodSpec, *, kernel: str = "auto", **overrides: Any
+    model: nn.Module, method: MethodSpec, *, kernel: str = "auto", processor: Any = None, **overrides: Any
 ) -> Iterator[Mitigation]:
     """``with mitigated(model, "var"): model.generate(...)`` -- removed on exit, even on error."""
-    handle = apply_mitigation(model, method, kernel=kernel, **overrides)
+    handle = apply_mitigation(model, method, kernel=kernel, processor=processor, **overrides)
     try:
         yield handle
     finally:

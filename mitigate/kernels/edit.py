@@ -14,10 +14,15 @@ the numbers of the eager reference (:mod:`mitigate.kernels.reference`) for every
   ``o_g`` the group's normalised partial output. That is what lets fast kernels run without the full
   matrix. ``fn`` must be row-local and non-negative; the result is renormalised, and groups with zero mass
   stay at zero whatever ``fn`` returns for them.
+* :class:`RowEdit` -- after the softmax, any function of a few rows' probabilities ``[B, H, R, Nk]``
+  (GIFT: per-key weights chosen from the row's own masses). Kernels materialise just those rows, so a
+  row edit must be meant for few rows (the last one), never for every prefill row.
+* :class:`Observe` -- read the final probabilities of a few rows (GIFT's saliency), edit nothing.
 * :class:`HeadScale` -- after ``p @ v``: each head's output on the selected rows is multiplied by a factor.
 
 Operations apply in list order. :func:`combine` orders ops from several methods by kind: logit edits,
-then mass transfers, then head scaling (DESIGN.md, "Methods compose in the order given").
+then redistributions (mass transfers and row edits, in method order), then observations, then head
+scaling (DESIGN.md, "Methods compose in the order given").
 
 Shapes: ``B`` batch, ``H`` query heads, ``Nq`` query rows of this call, ``Nk`` keys.
 Row masks are bool ``[B, Nq]``. Per-key tensors are ``[B, Hc, Nk]`` with ``Hc`` 1 or ``H``.
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 MassFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RowFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,30 @@ class MassTransfer:
 
 
 @dataclass(frozen=True)
+class RowEdit:
+    """``fn(p [B, H, R, Nk], rows [B, R], index [R]) -> p'`` on materialised rows, where ``index`` gives
+    the rows' positions among this call's query rows; rows outside ``rows`` are kept whatever fn does."""
+
+    rows: torch.Tensor
+    fn: RowFn
+    name: str = ""
+
+    kind = "row"
+
+
+@dataclass(frozen=True)
+class Observe:
+    """``fn(p [B, H, R, Nk], rows [B, R], index [R])`` sees the final probabilities of some rows; it may
+    be called several times per attention call, on disjoint sets of rows (``index``: their positions)."""
+
+    rows: torch.Tensor
+    fn: RowFn
+    name: str = ""
+
+    kind = "observe"
+
+
+@dataclass(frozen=True)
 class HeadScale:
     """Multiply head outputs ``[B, H]`` (before ``o_proj``) on the rows in ``rows``."""
 
@@ -76,8 +106,10 @@ class HeadScale:
     kind = "head"
 
 
-Op = LogitEdit | MassTransfer | HeadScale
-_ORDER = {"logit": 0, "mass": 1, "head": 2}
+Op = LogitEdit | MassTransfer | RowEdit | Observe | HeadScale
+_ORDER = {"logit": 0, "mass": 1, "row": 1, "observe": 2, "head": 3}
+#: kinds that only the materialised path (few rows, or the reference) can execute
+ROW_KINDS = ("row", "observe")
 
 
 @dataclass
@@ -96,6 +128,11 @@ class AttentionEdit:
     @property
     def mass_ops(self) -> list[MassTransfer]:
         return [op for op in self.ops if isinstance(op, MassTransfer)]
+
+    @property
+    def probability_ops(self) -> list[MassTransfer | RowEdit | Observe]:
+        """Everything after the softmax and before ``p @ v``, in order."""
+        return [op for op in self.ops if op.kind in ("mass", "row", "observe")]
 
     @property
     def head_ops(self) -> list[HeadScale]:

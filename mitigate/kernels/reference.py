@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .edit import AttentionEdit, LogitEdit, MassTransfer, apply_mass_fn
+from .edit import AttentionEdit, LogitEdit, MassTransfer, Observe, RowEdit, apply_mass_fn
 from .masks import keep_mask
 
 
@@ -63,9 +63,23 @@ def probabilities(
     if keep is not None:
         z = z.masked_fill(~keep, float("-inf"))
     p = torch.softmax(z, dim=-1).nan_to_num(0.0)
-    for op in edit.mass_ops if edit is not None else ():
-        p = transfer_mass(p, op)
+    index = torch.arange(p.shape[2], device=p.device)
+    for op in edit.probability_ops if edit is not None else ():
+        p = apply_probability_op(p, op, index)
     return p
+
+
+def apply_probability_op(p: torch.Tensor, op, index: torch.Tensor) -> torch.Tensor:
+    """One post-softmax op on probabilities ``[B, H, R, Nk]`` of the call's rows ``index``, whose row
+    mask (restricted to those rows) is ``op.rows [B, R]``."""
+    if isinstance(op, MassTransfer):
+        return transfer_mass(p, op)
+    if isinstance(op, RowEdit):
+        return torch.where(op.rows[:, None, :, None], op.fn(p, op.rows, index), p)
+    if isinstance(op, Observe):
+        op.fn(p, op.rows, index)
+        return p
+    raise TypeError(f"not a probability op: {op!r}")
 
 
 def reference_attention(

@@ -22,9 +22,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from .edit import AttentionEdit, LogitEdit, MassTransfer, apply_mass_fn
+from .edit import ROW_KINDS, AttentionEdit, LogitEdit, MassTransfer, apply_mass_fn
 from .masks import causal_keep, keep_rows
-from .reference import edit_logits
+from .reference import apply_probability_op, edit_logits
 
 #: bytes of fp32 temporaries the materialised path may hold at once (per chunk of rows)
 CHUNK_BYTES = int(os.environ.get("MITIGATE_CHUNK_BYTES", 32 * 2**20))
@@ -223,6 +223,9 @@ def _materialised(query, key, value, mask, core, scaling, causal, selected: torc
         for op in ops:
             if isinstance(op, MassTransfer):
                 p = _transfer(p, op)
+            elif op.kind in ROW_KINDS:
+                rows_index = index if index is not None else torch.arange(nq, device=query.device)
+                p = apply_probability_op(p, op, rows_index)
         p = p.to(value.dtype).view(bsz, kv_heads, groups * rows, nk)
         outs.append(_matmul_f32(p, value).view(bsz, heads, rows, dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -230,6 +233,8 @@ def _materialised(query, key, value, mask, core, scaling, causal, selected: torc
 
 # -- grouped partial states ---------------------------------------------------------------------
 def _grouped_ok(core) -> bool:
+    if any(op.kind in ROW_KINDS for op in core):
+        return False
     logits = [op for op in core if isinstance(op, LogitEdit)]
     masses = [op for op in core if isinstance(op, MassTransfer)]
     if not masses or not all(_scale_only(op) for op in logits):

@@ -7,6 +7,13 @@ A method never touches the model. The session calls it at three points:
   :meth:`Method.hidden_layers` (before that layer runs, so later layers can use what earlier ones found);
 * :meth:`Method.edit` in every attention call of an edited layer: return the ops for this call.
 
+Optional hooks, for methods that need more than the language model's own prefill:
+
+* :meth:`Method.observe_vision` with the CLS row of the vision tower's attention in
+  :meth:`Method.vision_layers` (PAINT), captured without asking the tower for attention maps;
+* :meth:`Method.probe_output` during one extra prefill that the session runs before the real one, on the
+  prompt rows plus their image-free twins, when :meth:`Method.needs_probe` (VHR).
+
 State lives in the ``state`` dict the session passes in (one per method per session), never on modules.
 """
 
@@ -60,6 +67,13 @@ class AttentionCall:
     def device(self) -> torch.device:
         return self.positions.device
 
+    def last_row(self, batch_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """bool ``[B, Nq]``: the call's last query row (the prompt's last token at prefill, the new token
+        at decode), for the batch rows in ``batch_rows`` (all if ``None``)."""
+        rows = torch.zeros(self.batch_size, self.positions.shape[0], dtype=torch.bool, device=self.device)
+        rows[:, -1] = True if batch_rows is None else batch_rows
+        return rows
+
 
 class Method:
     """Base class. Subclasses set ``name``, ``Config`` and ``summary`` and implement :meth:`edit`."""
@@ -70,16 +84,27 @@ class Method:
     #: first layer edited by default; the default range runs from here to the last layer
     default_first_layer: ClassVar[int] = 2
 
-    def __init__(self, config: MethodConfig, info: ModelInfo, preset: str | None = None):
+    def __init__(
+        self, config: MethodConfig, info: ModelInfo, preset: str | None = None, processor: Any = None
+    ):
         self.config = config
         self.info = info
         self.preset = preset or self.name
+        self.processor = processor  # the model's processor or tokenizer, when the user passed one
         self.layers: tuple[int, ...] = self._check_layers(config.layers, "layers")
         self._edited_layers = frozenset(self.layers)
 
     # -- configuration ------------------------------------------------------------------------
     def default_layers(self) -> list[int]:
         return list(range(min(self.default_first_layer, self.info.num_layers - 1), self.info.num_layers))
+
+    def scaled_layers(self, first: int, last: int, reference_depth: int = 32) -> list[int]:
+        """Layers ``first..last`` (inclusive) of a ``reference_depth``-layer model (LLaVA-1.5-7B),
+        mapped proportionally onto this model's depth; exact on 32-layer models."""
+        depth = self.info.num_layers
+        lo = min(depth - 1, round(first * depth / reference_depth))
+        hi = min(depth - 1, max(lo, round(last * depth / reference_depth)))
+        return list(range(lo, hi + 1))
 
     def _check_layers(self, layers: list[int] | None, field: str) -> tuple[int, ...]:
         if layers is None:
@@ -109,6 +134,23 @@ class Method:
 
     def edited_layers(self) -> frozenset[int]:
         return self._edited_layers
+
+    def vision_layers(self) -> frozenset[int]:
+        """Vision-tower layers whose CLS-row attention this method needs at prefill."""
+        return frozenset()
+
+    def observe_vision(self, layer_idx: int, cls_attention: torch.Tensor, state: dict[str, Any]) -> None:
+        """``cls_attention [images, heads, tokens]``: the CLS query's probabilities in a vision layer."""
+
+    def needs_probe(self) -> bool:
+        return False
+
+    def probe_output(
+        self, layer_idx: int, out: torch.Tensor, layout: TokenLayout, state: dict[str, Any]
+    ) -> torch.Tensor:
+        """During the probe pass: see and edit a layer's head outputs ``[2B, T, H, D]`` (rows ``B..2B-1``
+        are the image-free twins of rows ``0..B-1``, both left-padded to the same length)."""
+        return out
 
     def reset(self, state: dict[str, Any], layout: TokenLayout) -> None:
         state.clear()

@@ -64,7 +64,7 @@ def _config_dir():
 
 
 def _method_classes() -> dict[str, type[Method]]:
-    from . import var  # noqa: F401  (registers itself)
+    from . import gift, pai, paint, var, vaf, vhr  # noqa: F401  (each registers itself)
 
     return _METHODS
 
@@ -157,7 +157,9 @@ def find_preset(name: str, info: ModelInfo | None = None) -> Preset:
     raise UnknownMethodError(_unknown(name))
 
 
-def build_method(name: str, info: ModelInfo, overrides: dict[str, Any] | None = None) -> Method:
+def build_method(
+    name: str, info: ModelInfo, overrides: dict[str, Any] | None = None, processor: Any = None
+) -> Method:
     """A method object from a method or preset name plus parameter overrides, validated for this model."""
     preset = find_preset(name, info)
     cls = method_class(preset.method)
@@ -171,13 +173,15 @@ def build_method(name: str, info: ModelInfo, overrides: dict[str, Any] | None = 
         config = cls.Config(**{**preset.params, **overrides})
     except ValidationError as exc:
         raise ConfigError(f"{cls.name} ({preset.name}): {exc}") from exc
-    return cls(config, info, preset=preset.name)
+    return cls(config, info, preset=preset.name, processor=processor)
 
 
-def resolve_spec(spec: Any, info: ModelInfo, overrides: dict[str, Any]) -> list[Method]:
+def resolve_spec(
+    spec: Any, info: ModelInfo, overrides: dict[str, Any], processor: Any = None
+) -> list[Method]:
     """Turn ``"var"``, ``"var-paper"``, ``["var", "vhr"]`` or ``{"var": {...}}`` into method objects."""
     if isinstance(spec, str):
-        return [build_method(spec, info, overrides)]
+        return [build_method(spec, info, overrides, processor)]
     if overrides:
         raise ConfigError(
             "keyword overrides apply to a single method; for several, use the dict form "
@@ -200,4 +204,23 @@ def resolve_spec(spec: Any, info: ModelInfo, overrides: dict[str, Any]) -> list[
     dup = sorted({k for k in kinds if kinds.count(k) > 1})
     if dup:
         raise ConfigError(f"method(s) {dup} given more than once")
-    return [build_method(name, info, params) for name, params in items]
+    methods = [build_method(name, info, params, processor) for name, params in items]
+    check_compatible(methods)
+    return methods
+
+
+#: pairs of methods that must not be combined, and why
+INCOMPATIBLE = {
+    frozenset({"pai", "paint"}): "PAINT is PAI with its image-logit boost split into local and summary "
+    "token sets; together they boost the same logits twice. Use one of them.",
+}
+
+
+def check_compatible(methods: list[Method]) -> None:
+    names = [m.name for m in methods]
+    for pair, why in INCOMPATIBLE.items():
+        if pair <= set(names):
+            raise ConfigError(f"cannot combine {' and '.join(sorted(pair))}: {why}")
+    probes = [m.name for m in methods if m.needs_probe()]
+    if len(probes) > 1:
+        raise ConfigError(f"{' and '.join(probes)} each need their own extra prefill pass; apply one of them")

@@ -82,8 +82,8 @@ class VAR(Method):
     Config = VARConfig
     summary = "Move attention from sink tokens to non-sink image tokens in image-centric heads."
 
-    def __init__(self, config: VARConfig, info: ModelInfo, preset: str | None = None):
-        super().__init__(config, info, preset)
+    def __init__(self, config: VARConfig, info: ModelInfo, preset: str | None = None, processor: Any = None):
+        super().__init__(config, info, preset, processor)
         if isinstance(config.sink_dims, list) and max(config.sink_dims) >= info.hidden_size:
             raise ConfigError(
                 f"var: sink_dims {config.sink_dims} do not fit this model's hidden size {info.hidden_size}. "

@@ -26,6 +26,10 @@ class ModelInfo:
     hidden_size: int
     rms_norm_eps: float
     image_token_id: int
+    vision_layers: int = 0
+    vision_feature_layer: int | None = None  # 0-based layer whose output becomes the image tokens
+    vision_has_cls: bool = False
+    features_drop_cls: bool = True
 
 
 class Adapter:
@@ -54,6 +58,23 @@ class Adapter:
 
     def text_config(self):
         return getattr(self.model.config, self.text_config_key)
+
+    # -- vision tower (methods that read it: PAINT) -----------------------------------------------
+    vision_config_key: ClassVar[str] = "vision_config"
+
+    def vision_attention_modules(self) -> list[nn.Module]:
+        raise UnsupportedModelError(f"{self.family}: reading the vision tower is not supported")
+
+    def vision_has_cls(self) -> bool:
+        return False
+
+    def vision_feature_layer(self) -> int:
+        """0-based index of the vision layer whose output the projector reads."""
+        raise UnsupportedModelError(f"{self.family}: reading the vision tower is not supported")
+
+    def features_drop_cls(self) -> bool:
+        """Whether the image tokens skip the tower's CLS token (LLaVA's "default" strategy)."""
+        return True
 
     def image_token_id(self) -> int:
         token = getattr(self.model.config, "image_token_id", None)
@@ -87,7 +108,19 @@ class Adapter:
             hidden_size=cfg.hidden_size,
             rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
             image_token_id=self.image_token_id(),
+            **self._vision_info(),
         )
+
+    def _vision_info(self) -> dict:
+        try:
+            return {
+                "vision_layers": len(self.vision_attention_modules()),
+                "vision_feature_layer": self.vision_feature_layer(),
+                "vision_has_cls": self.vision_has_cls(),
+                "features_drop_cls": self.features_drop_cls(),
+            }
+        except UnsupportedModelError:
+            return {}
 
 
 class LlavaAdapter(Adapter):
@@ -101,6 +134,31 @@ class LlavaAdapter(Adapter):
 
     def language_model(self) -> nn.Module:
         return self.base_model().language_model
+
+    def _vision_layers(self) -> nn.ModuleList:
+        tower = self.base_model().vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def vision_attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self._vision_layers()]
+
+    def vision_has_cls(self) -> bool:
+        # CLIP prepends a class embedding; SigLIP-style towers (no class_embedding) have no CLS token
+        tower = self.base_model().vision_tower
+        return hasattr(getattr(tower, "vision_model", tower).embeddings, "class_embedding")
+
+    def vision_feature_layer(self) -> int:
+        index = self.model.config.vision_feature_layer
+        if not isinstance(index, int):
+            raise UnsupportedModelError("several vision feature layers: PAINT needs a single one")
+        depth = len(self._vision_layers())
+        layer = depth + index if index < 0 else index - 1  # hidden_states[i] is the output of layer i-1
+        if not 0 <= layer < depth:
+            raise UnsupportedModelError(f"vision_feature_layer {index} is not the output of a tower layer")
+        return layer
+
+    def features_drop_cls(self) -> bool:
+        return self.model.config.vision_feature_select_strategy == "default"
 
 
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter]

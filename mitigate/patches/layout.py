@@ -13,19 +13,19 @@ import torch
 
 
 class KeyBuffer:
-    """A per-key prompt tensor ``[B, T]`` seen over ``Nk >= T`` keys, padded with ``fill`` for generated
+    """A per-key prompt tensor ``[..., T]`` seen over ``Nk >= T`` keys, padded with ``fill`` for generated
     keys. Capacity grows geometrically, so decode steps get a view, not a new tensor each step."""
 
-    def __init__(self, prompt: torch.Tensor, fill: int | bool = 0, extra: int = 64):
-        self.prompt_len = prompt.shape[1]
+    def __init__(self, prompt: torch.Tensor, fill: float | bool = 0, extra: int = 64):
+        self.prompt_len = prompt.shape[-1]
         self.fill = fill
         self._buffer = torch.nn.functional.pad(prompt, (0, extra), value=fill)
 
     def get(self, num_keys: int) -> torch.Tensor:
-        if num_keys > self._buffer.shape[1]:
-            grow = max(num_keys, 2 * self._buffer.shape[1]) - self._buffer.shape[1]
+        if num_keys > self._buffer.shape[-1]:
+            grow = max(num_keys, 2 * self._buffer.shape[-1]) - self._buffer.shape[-1]
             self._buffer = torch.nn.functional.pad(self._buffer, (0, grow), value=self.fill)
-        return self._buffer[:, :num_keys]
+        return self._buffer[..., :num_keys]
 
 
 @dataclass
@@ -39,6 +39,7 @@ class TokenLayout:
     first_image: torch.Tensor
     last_image: torch.Tensor
     prompt_len: int
+    ids: torch.Tensor | None = None  # the prompt's token ids, when the model got ids (not embeddings)
     _buffers: dict[str, KeyBuffer] = field(default_factory=dict, repr=False)
 
     @property
@@ -67,7 +68,9 @@ class TokenLayout:
         return (positions[None, :] > self.last_image[:, None]) & self.has_image[:, None]
 
 
-def build_layout(image_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> TokenLayout:
+def build_layout(
+    image_mask: torch.Tensor, attention_mask: torch.Tensor | None, ids: torch.Tensor | None = None
+) -> TokenLayout:
     """Layout from the image-token mask ``[B, T]`` and the 2-D padding mask (1 = real token).
 
     * prefix: real tokens before the row's first image token;
@@ -91,4 +94,5 @@ def build_layout(image_mask: torch.Tensor, attention_mask: torch.Tensor | None) 
         first_image=first,
         last_image=last,
         prompt_len=seq,
+        ids=ids,
     )

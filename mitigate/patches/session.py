@@ -5,7 +5,11 @@ attention and mask functions with transformers, switches only the language model
 
 * a pre-hook on the multimodal base model, which builds the token layout at every prefill (no cache yet)
   and notes how many keys were already cached at decode steps;
-* pre-hooks on the decoder layers whose input hidden state a method needs at prefill.
+* pre-hooks on the decoder layers whose input hidden state a method needs at prefill;
+* when a method reads the vision tower (PAINT), the tower's attention is routed here too, and the CLS
+  query's probabilities are computed for the layers it asks for (one row, never the full map);
+* when a method needs a probe (VHR), a pre-hook on the language model runs one extra prefill, on the
+  prompt rows and their image-free twins as one batch, before the real prefill.
 
 ``uninstall`` undoes all of it, so the model is exactly as before. Attention modules map to their session
 in a weak dictionary, so several models can be mitigated at once and nothing outlives ``uninstall``.
@@ -46,6 +50,8 @@ def mitigate_attention(
 ) -> tuple[torch.Tensor, None]:
     """The function registered as ``"mitigate"``: route to the module's session, else plain SDPA."""
     session = _SESSIONS.get(module)
+    if session is not None and module in session.vision_index:
+        return session.vision_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if session is None or not session.enabled:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -82,19 +88,28 @@ class Session:
         self.past = 0
         self.positions: torch.Tensor | None = None
         self.state: list[dict[str, Any]] = [{} for _ in methods]
+        self.probing = False
         self._edited = {layer for m in methods for layer in m.edited_layers()}
         self._hidden = {layer for m in methods for layer in m.hidden_layers()}
+        self._vision = {layer for m in methods for layer in m.vision_layers()}
+        self._probe = any(m.needs_probe() for m in methods)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attention_modules: list[nn.Module] = []
-        self._previous: str | None = None
+        self.vision_index: dict[nn.Module, int] = {}
+        self._previous: dict[str, str] = {}
 
     # -- install / uninstall ----------------------------------------------------------------
     def install(self) -> None:
         _register_functions()
-        text_config = self.adapter.text_config()
-        self._previous = text_config._attn_implementation
-        self.model.set_attn_implementation({self.adapter.text_config_key: ATTENTION_NAME})
+        switch = {self.adapter.text_config_key: ATTENTION_NAME}
         self._attention_modules = self.adapter.attention_modules()
+        if self._vision:
+            switch[self.adapter.vision_config_key] = ATTENTION_NAME
+            vision = self.adapter.vision_attention_modules()
+            self.vision_index = {module: idx for idx, module in enumerate(vision)}
+            self._attention_modules = self._attention_modules + vision
+        self._previous = {key: getattr(self.model.config, key)._attn_implementation for key in switch}
+        self.model.set_attn_implementation(switch)
         for module in self._attention_modules:
             _SESSIONS[module] = self
         base = self.adapter.base_model()
@@ -102,6 +117,9 @@ class Session:
         for idx, layer in enumerate(self.adapter.decoder_layers()):
             if idx in self._hidden:
                 self._handles.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+        if self._probe:
+            language = self.adapter.language_model()
+            self._handles.append(language.register_forward_pre_hook(self._before_language, with_kwargs=True))
 
     def uninstall(self) -> None:
         for handle in self._handles:
@@ -111,9 +129,10 @@ class Session:
             if _SESSIONS.get(module) is self:
                 del _SESSIONS[module]
         self._attention_modules = []
-        if self._previous is not None:
-            self.model.set_attn_implementation({self.adapter.text_config_key: self._previous})
-            self._previous = None
+        self.vision_index = {}
+        if self._previous:
+            self.model.set_attn_implementation(self._previous)
+            self._previous = {}
         self.layout = None
         self.state = [{} for _ in self.methods]
         _unregister_functions()
@@ -143,13 +162,15 @@ class Session:
         if self.prefill:
             mask = kwargs.get("attention_mask")
             image = self.adapter.image_mask(input_ids, embeds)
-            self.layout = build_layout(image, mask if mask is not None and mask.dim() == 2 else None)
+            self.layout = build_layout(
+                image, mask if mask is not None and mask.dim() == 2 else None, input_ids
+            )
             for method, state in zip(self.methods, self.state, strict=True):
                 method.reset(state, self.layout)
 
     def _layer_hook(self, layer_idx: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not (self.enabled and self.prefill) or self.layout is None:
+            if not (self.enabled and self.prefill) or self.probing or self.layout is None:
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
             for method, state in zip(self.methods, self.state, strict=True):
@@ -158,7 +179,72 @@ class Session:
 
         return hook
 
+    def _before_language(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """At prefill, run the probe pass first (see :meth:`probe`)."""
+        if self.probing or not (self.enabled and self.prefill) or self.layout is None:
+            return
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise RuntimeError("mitigate: the probe pass needs the language model's inputs_embeds")
+        self.probe(module, embeds)
+
+    @torch.no_grad()
+    def probe(self, language: nn.Module, embeds: torch.Tensor) -> None:
+        """One extra prefill over ``2B`` rows: the prompt rows, then the same rows without their image
+        tokens, each left-padded to the prompt's length; methods see every layer's head outputs."""
+        layout = self.layout
+        bsz, length = layout.valid.shape
+        keep = layout.valid & ~layout.image
+        twins = torch.zeros_like(embeds)
+        twin_mask = torch.zeros_like(layout.valid)
+        for row in range(bsz):  # rows differ in length; prefill runs once per prompt batch
+            kept = keep[row].nonzero().squeeze(1)
+            if kept.numel():
+                twins[row, length - kept.numel() :] = embeds[row, kept]
+                twin_mask[row, length - kept.numel() :] = True
+        mask = torch.cat([layout.valid, twin_mask]).long()
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        self.probing = True
+        try:
+            language(
+                inputs_embeds=torch.cat([embeds, twins]),
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+            )
+        finally:
+            self.probing = False
+
     # -- attention --------------------------------------------------------------------------
+    def vision_attention(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float,
+        scaling: float | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """Plain attention for the vision tower, plus the CLS row's probabilities where a method asks."""
+        layer = self.vision_index[module]
+        if self.enabled and layer in self._vision:
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            logits = scale * (query[:, :, :1].float() @ key.float().transpose(-1, -2))
+            if attention_mask is not None:
+                mask = attention_mask[:, :, :1]
+                logits = (
+                    logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+                )
+            cls = torch.softmax(logits, dim=-1)[:, :, 0]  # [images, heads, tokens]
+            for method, state in zip(self.methods, self.state, strict=True):
+                if layer in method.vision_layers():
+                    method.observe_vision(layer, cls, state)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
     def attention(
         self,
         module: nn.Module,
@@ -172,6 +258,10 @@ class Session:
     ) -> tuple[torch.Tensor, None]:
         layer = getattr(module, "layer_idx", None)
         positions = self.positions
+        if self.probing:
+            return self._probe_attention(
+                module, layer, query, key, value, attention_mask, dropout, scaling, **kwargs
+            )
         if (
             layer not in self._edited
             or self.layout is None
@@ -205,6 +295,15 @@ class Session:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
         causal = bool(getattr(module, "is_causal", True))
         out = self.kernel(query, key, value, attention_mask, edit, scaling, causal)
+        return out, None
+
+    def _probe_attention(self, module, layer, query, key, value, attention_mask, dropout, scaling, **kwargs):
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        for method, state in zip(self.methods, self.state, strict=True):
+            if method.needs_probe():
+                out = method.probe_output(layer, out, self.layout, state)
         return out, None
 
 

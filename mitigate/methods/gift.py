@@ -1,0 +1,224 @@
+"""GIFT: gaze-shift guidance ("Capturing Gaze Shifts for Guidance", 2025; code: amazon-science/GIFT).
+
+Saliency, once per prompt, from the same prefill pass: in ``saliency_layers``, for the user-query rows,
+the positive part of the change in attention to each image key from the previous row; only informative
+query tokens count (``pos_filter``); per layer the ``head_fraction`` of heads with the most total change
+are kept; the average over layers, heads and tokens is clamped to mean +- 3 std, min-max scaled to
+``[0, alpha]`` and exponentiated: ``S``.
+
+Enhancement, in ``enhance_layers`` on the last query row only: the heads with the most image mass get
+their image probabilities multiplied by ``S``; ``g`` = their new image mass over their old one (one
+scalar per row); the heads with the most user-query mass get their query probabilities multiplied by
+``g``; the row is renormalised. A prompt with no informative query token, or a constant saliency map,
+gets no enhancement (logged at debug level), never NaN.
+
+The released code pays a whole extra eager prefill to get the saliency. Here the saliency layers only
+observe the few query rows they need, in the pass that generates, so enhance layers must come after the
+last saliency layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from ..errors import ConfigError
+from ..kernels.edit import Observe, Op, RowEdit
+from ..patches.adapters import ModelInfo
+from ..patches.layout import KeyBuffer, TokenLayout
+from .base import AttentionCall, Method, MethodConfig
+from .registry import register_method
+from .text import TAGGER, informative_tokens, query_spans, resolve_tokenizer
+
+log = logging.getLogger("mitigate")
+
+
+class GIFTConfig(MethodConfig):
+    saliency_layers: list[int] | None = Field(description="layers whose attention gives the saliency map")
+    enhance_layers: list[int] | None = Field(description="layers whose last row is enhanced")
+    alpha: float = Field(gt=0, description="saliency is min-max scaled to [0, alpha] before exp")
+    head_fraction: float = Field(gt=0, le=1, description="share of heads kept at each selection")
+    pos_filter: bool = Field(
+        description="keep only informative query tokens (nouns, verbs, ...) for saliency"
+    )
+
+    @model_validator(mode="after")
+    def _no_layers_field(self):
+        if self.layers is not None:
+            raise ValueError("gift has saliency_layers and enhance_layers, not layers")
+        return self
+
+
+def saliency_map(changes: list[torch.Tensor], alpha: float, head_fraction: float) -> torch.Tensor | None:
+    """``S [n_image]`` from per-layer positive attention changes ``[heads, tokens, n_image]``; ``None``
+    when there is no token or the map is constant."""
+    if not changes or changes[0].shape[1] == 0:
+        return None
+    keep = max(1, int(changes[0].shape[0] * head_fraction))
+    per_layer = []
+    for change in changes:
+        heads = change.sum(dim=(1, 2)).topk(keep).indices
+        per_layer.append(change[heads].mean(dim=(0, 1)))
+    s = torch.stack(per_layer).mean(0)
+    if s.numel() < 2:
+        return None
+    mean, std = s.mean(), s.std()
+    s = s.clamp(float(mean - 3 * std), float(mean + 3 * std))
+    low, high = s.min(), s.max()
+    if not bool(high > low):
+        return None
+    return torch.exp(alpha * (s - low) / (high - low))
+
+
+def enhance(
+    p: torch.Tensor, image: torch.Tensor, query: torch.Tensor, weights: torch.Tensor, head_fraction: float
+) -> torch.Tensor:
+    """GIFT's enhancement of probability rows ``p [B, H, R, Nk]``; ``image``/``query`` are bool
+    ``[B, Nk]`` key masks and ``weights [B, Nk]`` the saliency ``S`` on image keys (1 elsewhere)."""
+    heads = p.shape[1]
+    keep = max(1, int(heads * head_fraction))
+    img = image[:, None, None, :]
+    qry = query[:, None, None, :]
+    image_mass = (p * img).sum(-1)  # [B, H, R]
+    vision_heads = _top_heads(image_mass, keep)
+    boosted = (p * img * weights[:, None, None, :]).sum(-1)
+    old = (image_mass * vision_heads).sum(1, keepdim=True)  # [B, 1, R]
+    new = (boosted * vision_heads).sum(1, keepdim=True)
+    g = torch.where(old > 0, new / old.clamp_min(torch.finfo(p.dtype).tiny), torch.ones_like(old))
+    query_heads = _top_heads((p * qry).sum(-1), keep)
+    factor = torch.where(vision_heads[..., None] & img, weights[:, None, None, :], 1.0)
+    factor = factor * torch.where(query_heads[..., None] & qry, g[..., None], 1.0)
+    edited = p * factor
+    return edited / edited.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def _top_heads(mass: torch.Tensor, keep: int) -> torch.Tensor:
+    """bool ``[B, H, R]``: the ``keep`` heads with the largest ``mass`` in each (batch, row)."""
+    index = mass.topk(keep, dim=1).indices
+    return torch.zeros_like(mass, dtype=torch.bool).scatter_(1, index, True)
+
+
+@register_method
+class GIFT(Method):
+    name = "gift"
+    Config = GIFTConfig
+    summary = "Boost image keys by a saliency map from the query's gaze shifts, on the last row."
+
+    def __init__(self, config: GIFTConfig, info: ModelInfo, preset: str | None = None, processor: Any = None):
+        super().__init__(config, info, preset, processor)
+        self.saliency = self._check_layers(
+            config.saliency_layers or self.scaled_layers(11, 11), "saliency_layers"
+        )
+        self.enhance_at = self._check_layers(
+            config.enhance_layers or self.scaled_layers(12, 22), "enhance_layers"
+        )
+        if min(self.enhance_at) <= max(self.saliency):
+            raise ConfigError(
+                f"gift: enhance_layers {list(self.enhance_at)} must all come after saliency_layers "
+                f"{list(self.saliency)}: the saliency is read in the same prefill pass that generates, so an "
+                "enhanced layer cannot precede it (the released Qwen2-VL setting, saliency 14 and enhance "
+                "5..18, would need an extra pass, which mitigate does not run)."
+            )
+        self.layers = tuple(sorted({*self.saliency, *self.enhance_at}))
+        self._edited_layers = frozenset(self.layers)
+        self.processor = resolve_tokenizer(processor, info.name_or_path)
+        if config.pos_filter and self.processor is None:
+            raise ConfigError(
+                "gift: pos_filter needs the model's tokenizer to read the query's words; pass it with "
+                "apply_mitigation(model, 'gift', processor=processor), or set pos_filter=False"
+            )
+
+    def resolved_params(self) -> dict[str, Any]:
+        params = super().resolved_params()
+        params.pop("layers")
+        params.update(saliency_layers=list(self.saliency), enhance_layers=list(self.enhance_at))
+        params["pos_tagger"] = TAGGER if self.config.pos_filter else None
+        return params
+
+    # -- saliency -------------------------------------------------------------------------------
+    def reset(self, state: dict[str, Any], layout: TokenLayout) -> None:
+        state.clear()
+        if layout.ids is None:
+            raise RuntimeError("gift needs input_ids (not inputs_embeds) to find the user's query")
+        spans = query_spans(layout.ids, layout.query, self.processor)
+        bsz, length = layout.valid.shape
+        observe = torch.zeros(bsz, length, dtype=torch.bool, device=layout.valid.device)
+        kept: list[list[int]] = []
+        for row, span in enumerate(spans):
+            if span is None or not bool(layout.has_image[row]):
+                kept.append([])
+                continue
+            first, last = span
+            observe[row, first - 1 : last + 1] = True  # the row before the query: the first change
+            positions = list(range(first, last + 1))
+            if self.config.pos_filter:
+                ids = layout.ids[row, first : last + 1].tolist()
+                positions = [
+                    p for p, ok in zip(positions, informative_tokens(self.processor, ids), strict=True) if ok
+                ]
+            kept.append(positions)
+        query_keys = torch.zeros_like(observe)
+        for row, span in enumerate(spans):
+            if span is not None:
+                query_keys[row, span[0] : span[1] + 1] = True
+        state.update(observe=observe, kept=kept, rows={}, query=KeyBuffer(query_keys, fill=False))
+
+    def _observer(self, layer: int, state: dict[str, Any]):
+        def fn(p: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+            for r, position in enumerate(index.tolist()):
+                state["rows"].setdefault(layer, {})[position] = p[:, :, r].float()
+
+        return fn
+
+    def _weights(self, layout: TokenLayout, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-key saliency ``[B, T]`` (1 off the image) and the batch rows that get enhanced ``[B]``."""
+        bsz, length = layout.valid.shape
+        weights = torch.ones(bsz, length, device=layout.valid.device)
+        enhanced = torch.zeros(bsz, dtype=torch.bool, device=layout.valid.device)
+        for row, positions in enumerate(state["kept"]):
+            image_keys = layout.image[row].nonzero().squeeze(1)
+            changes = []
+            for layer in self.saliency:
+                seen = state["rows"].get(layer, {})
+                if not positions or any(p not in seen or p - 1 not in seen for p in positions):
+                    changes = []
+                    break
+                now = torch.stack([seen[p][row][:, image_keys] for p in positions], dim=1)
+                before = torch.stack([seen[p - 1][row][:, image_keys] for p in positions], dim=1)
+                changes.append((now - before).clamp_min(0))  # [heads, tokens, n_image]
+            s = saliency_map(changes, self.config.alpha, self.config.head_fraction)
+            if s is None:
+                log.debug(
+                    "gift: no enhancement for row %d (no informative query token or flat saliency)", row
+                )
+                continue
+            weights[row, image_keys] = s
+            enhanced[row] = True
+        return weights, enhanced
+
+    # -- edits -----------------------------------------------------------------------------------
+    def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
+        layer = call.layer_idx
+        ops: list[Op] = []
+        if call.prefill and layer in self.saliency:
+            rows = state["observe"][:, call.positions]
+            ops.append(Observe(rows=rows, fn=self._observer(layer, state), name=self.name))
+        if layer in self.enhance_at:
+            if "weights" not in state:  # once per prefill, after every saliency layer has been seen
+                weights, enhanced = self._weights(call.layout, state)
+                state["weights"] = KeyBuffer(weights, fill=1.0)
+                state["enhanced"] = enhanced
+                state["rows"] = {}
+            weights = state["weights"].get(call.num_keys)
+            image = call.layout.keys("image", call.num_keys)
+            query = state["query"].get(call.num_keys)
+            fraction = self.config.head_fraction
+
+            def fn(p: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+                return enhance(p, image, query, weights, fraction)
+
+            ops.append(RowEdit(rows=call.last_row(state["enhanced"]), fn=fn, name=self.name))
+        return ops

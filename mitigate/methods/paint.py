@@ -1,0 +1,102 @@
+"""PAINT: dual-stream token selection on top of PAI ("Fixing Imbalanced Attention to Mitigate In-Context
+Hallucination of Large Vision-Language Model", 2025; code: hasanar1f/PAINT).
+
+The vision tower's CLS query picks two sets of patches per image: ``local`` = the top ``local_ratio`` of
+patches by CLS attention (summed over heads) in the tower's first layer, and ``summary`` = the patches
+above ``Q3 + 1.5*IQR`` of that attention in the layer the projector reads; ``local -= summary``. In the
+edited language layers, the last query row's logits grow by ``alpha*|z|`` on local image keys and
+``beta*|z|`` on summary keys.
+
+Only the CLS row of the vision attention is computed (the session routes the tower's attention through
+mitigate for that one forward); full attention maps are never requested.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from ..errors import ConfigError
+from ..kernels.edit import LogitEdit, Op
+from ..patches.adapters import ModelInfo
+from ..patches.layout import KeyBuffer, TokenLayout
+from .base import AttentionCall, Method, MethodConfig
+from .registry import register_method
+
+#: the IQR rule's fence, Q3 + k*IQR (PAINT clip_encoder.py get_top_ratio)
+IQR_FENCE = 1.5
+
+
+class PAINTConfig(MethodConfig):
+    alpha: float = Field(ge=0, description="logit boost alpha*|z| on local image keys")
+    beta: float = Field(ge=0, description="logit boost beta*|z| on summary image keys")
+    local_ratio: float = Field(gt=0, le=1, description="share of patches in the local set")
+
+
+def token_sets(
+    first: torch.Tensor, feature: torch.Tensor, local_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(local, summary)`` bool ``[images, patches]`` from CLS attention per patch in the two layers."""
+    patches = first.shape[-1]
+    top = first.topk(int(patches * local_ratio), dim=-1).indices
+    local = torch.zeros_like(first, dtype=torch.bool).scatter_(-1, top, True)
+    q1, q3 = torch.quantile(feature.float(), torch.tensor([0.25, 0.75], device=feature.device), dim=-1)
+    summary = feature > (q3 + IQR_FENCE * (q3 - q1))[:, None]
+    return local & ~summary, summary
+
+
+def per_key(features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Spread per-image feature values ``[images, F]`` over prompt keys ``[B, T]``: the r-th image
+    token of the batch (row-major) is feature ``r % F`` of image ``r // F``."""
+    count = int(image.sum())
+    if count != features.numel():
+        raise RuntimeError(f"paint: {count} image tokens in the prompt but {features.numel()} image features")
+    out = torch.zeros(image.shape, dtype=features.dtype, device=features.device)
+    out[image] = features.reshape(-1)
+    return out
+
+
+@register_method
+class PAINT(Method):
+    name = "paint"
+    Config = PAINTConfig
+    summary = "PAI with CLS-chosen local and summary image tokens boosted by different amounts."
+
+    def __init__(
+        self, config: PAINTConfig, info: ModelInfo, preset: str | None = None, processor: Any = None
+    ):
+        super().__init__(config, info, preset, processor)
+        if info.vision_feature_layer is None or not info.vision_has_cls:
+            raise ConfigError(
+                "paint needs a vision tower with a CLS token (CLIP): its token sets come from the CLS "
+                f"query's attention, and this {info.family} model's tower has none (SigLIP-style). "
+                "Use pai instead, which boosts every image token."
+            )
+
+    def vision_layers(self) -> frozenset[int]:
+        return frozenset({0, self.info.vision_feature_layer})
+
+    def observe_vision(self, layer_idx: int, cls_attention: torch.Tensor, state: dict[str, Any]) -> None:
+        # summed over heads; columns after the CLS token are the patches, in feature order
+        state.setdefault("cls", {})[layer_idx] = cls_attention.sum(1)[:, 1:]
+
+    def _sets(self, layout: TokenLayout, state: dict[str, Any]) -> KeyBuffer:
+        cls = state.get("cls", {})
+        if 0 not in cls or self.info.vision_feature_layer not in cls:
+            raise RuntimeError("paint: the vision tower did not run at this prefill (no pixel_values?)")
+        local, summary = token_sets(cls[0], cls[self.info.vision_feature_layer], self.config.local_ratio)
+        boost = self.config.alpha * local.float() + self.config.beta * summary.float()
+        if not self.info.features_drop_cls:  # the CLS feature is an image token too, never boosted
+            boost = torch.nn.functional.pad(boost, (1, 0))
+        state["local"], state["summary"] = local, summary
+        return KeyBuffer(per_key(boost, layout.image)[:, None, :], fill=0.0)
+
+    def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
+        if "abs" not in state:  # once per prefill, after the vision tower ran
+            state["abs"] = self._sets(call.layout, state) if bool(call.layout.has_image.any()) else None
+        if state["abs"] is None:
+            return []
+        rows = call.last_row(call.layout.has_image)
+        return [LogitEdit(rows=rows, abs=state["abs"].get(call.num_keys))]
