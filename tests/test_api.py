@@ -38,7 +38,7 @@ def test_method_and_preset_names(tiny):
 @pytest.mark.parametrize(
     ("spec", "overrides", "error", "words"),
     [
-        ("vra", {}, UnknownMethodError, "did you mean var"),
+        ("vra", {}, UnknownMethodError, "did you mean"),
         ("var", {"taux": 3}, ConfigError, "unknown parameter"),
         ("var", {"layers": [1, 4]}, ConfigError, "out of range"),
         ("var", {"layers": [-1]}, ConfigError, "out of range"),

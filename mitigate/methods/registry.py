@@ -64,7 +64,7 @@ def _config_dir():
 
 
 def _method_classes() -> dict[str, type[Method]]:
-    from . import gift, pai, paint, var, vaf, vhr  # noqa: F401  (each registers itself)
+    from . import gift, pai, paint, vaf, var, vhr  # noqa: F401  (each registers itself)
 
     return _METHODS
 
