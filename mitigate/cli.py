@@ -65,7 +65,9 @@ def run(
     settings = {"max_new_tokens": max_new_tokens, "do_sample": False}
     with torch.no_grad():
         vanilla = net.generate(**inputs, **settings)
-        handle = apply_mitigation(net, parse_method(method), kernel=kernel, **parse_sets(set_))
+        handle = apply_mitigation(
+            net, parse_method(method), kernel=kernel, processor=processor, **parse_sets(set_)
+        )
         try:
             with handle.recording() as stats:
                 edited = net.generate(**inputs, **settings)
@@ -86,20 +88,28 @@ def run(
 
 
 def print_stats(summary: dict[str, dict[int, dict[str, float]]]) -> None:
-    """Per layer: how many (row, head) pairs were edited and the attention mass they moved on average."""
-    if not summary:
+    """Per layer: how many query rows each method edited; for mass transfers (VAR), how many
+    (row, head) pairs passed its gate and the attention mass they moved on average."""
+    edited = {n: v for n, v in summary.items() if any(x.get("edited_rows", 0) for x in v.values())}
+    if not edited:
         console.print("No attention edit happened (no layer met the method's conditions).")
         return
-    for name, layers in summary.items():
-        table = Table(title=f"{name}: what the edit did, per layer")
+    for name, layers in edited.items():
+        moves = any("moved" in v for v in layers.values())
+        table = Table(title=f"{name}: what the edit did, per layer (prefill and every decode step)")
         table.add_column("layer", justify="right")
-        table.add_column("edited head-rows", justify="right")
-        table.add_column("of", justify="right")
-        table.add_column("mass moved per edited head-row", justify="right")
+        table.add_column("edited query rows", justify="right")
+        if moves:
+            table.add_column("gated head-rows", justify="right")
+            table.add_column("of", justify="right")
+            table.add_column("mass moved per gated head-row", justify="right")
         for layer, values in layers.items():
-            heads, rows = values.get("heads", 0.0), values.get("rows", 0.0)
-            moved = values.get("moved", 0.0) / heads if heads else 0.0
-            table.add_row(str(layer), f"{heads:.0f}", f"{rows:.0f}", f"{moved:.4f}")
+            row = [str(layer), f"{values.get('edited_rows', 0):.0f}"]
+            if moves:
+                heads, rows = values.get("heads", 0.0), values.get("rows", 0.0)
+                moved = values.get("moved", 0.0) / heads if heads else 0.0
+                row += [f"{heads:.0f}", f"{rows:.0f}", f"{moved:.4f}"]
+            table.add_row(*row)
         console.print(table)
 
 

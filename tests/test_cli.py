@@ -15,7 +15,7 @@ def test_run_prints_both_answers_and_the_moved_mass():
     )
     assert result.exit_code == 0, result.output
     assert "vanilla" in result.output and "var-tiny" in result.output
-    assert "mass moved" in result.output
+    assert "mass moved" in result.output and "edited query rows" in result.output
 
 
 def test_run_bad_method_fails_cleanly():

@@ -84,7 +84,9 @@ def evaluate(task: Task, cfg: RunConfig) -> dict[str, Any] | None:
     if not vanilla:
         from ..api import apply_mitigation
 
-        handle = apply_mitigation(model, parse_method(cfg.method), kernel=cfg.kernel, **cfg.sets)
+        handle = apply_mitigation(
+            model, parse_method(cfg.method), kernel=cfg.kernel, processor=processor, **cfg.sets
+        )
     try:
         methods = handle.methods if handle else {}
         generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens or task.default_max_new_tokens)

@@ -31,6 +31,7 @@ from ..kernels import combine, get_kernel, resolve_kernel
 from ..methods.base import AttentionCall, Method
 from ..stats import Stats
 from .adapters import Adapter
+from .contrast import Contrast
 from .layout import TokenLayout, build_layout
 
 ATTENTION_NAME = "mitigate"
@@ -94,6 +95,7 @@ class Session:
         self._vision = {layer for m in methods for layer in m.vision_layers()}
         self._probe = any(m.needs_probe() for m in methods)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.contrast: Contrast | None = None
         self._attention_modules: list[nn.Module] = []
         self.vision_index: dict[nn.Module, int] = {}
         self._previous: dict[str, str] = {}
@@ -117,6 +119,10 @@ class Session:
         for idx, layer in enumerate(self.adapter.decoder_layers()):
             if idx in self._hidden:
                 self._handles.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+        contrasts = [c for m in methods_contrast(self.methods) if (c := m) is not None]
+        if contrasts:
+            gamma, cutoff = contrasts[0]
+            self.contrast = Contrast(self.model, self.adapter, gamma, cutoff)
         if self._probe:
             language = self.adapter.language_model()
             self._handles.append(language.register_forward_pre_hook(self._before_language, with_kwargs=True))
@@ -125,6 +131,9 @@ class Session:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.contrast is not None:
+            self.contrast.remove()
+            self.contrast = None
         for module in self._attention_modules:
             if _SESSIONS.get(module) is self:
                 del _SESSIONS[module]
@@ -142,13 +151,19 @@ class Session:
         """Run the model unedited (plain SDPA in every layer) inside the block."""
         was = self.enabled
         self.enabled = False
+        if self.contrast is not None:
+            self.contrast.enabled = False
         try:
             yield
         finally:
             self.enabled = was
+            if self.contrast is not None:
+                self.contrast.enabled = was
 
     # -- hooks ------------------------------------------------------------------------------
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.enabled:  # a disabled block leaves the generation's state as it was
+            return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         tokens = input_ids if input_ids is not None else embeds
@@ -280,13 +295,18 @@ class Session:
             prefill=self.prefill,
             stats=self.stats,
         )
-        edit = combine(
-            [
-                m.edit(call, s)
-                for m, s in zip(self.methods, self.state, strict=True)
-                if layer in m.edited_layers()
-            ]
-        )
+        per_method = [
+            (m, m.edit(call, s))
+            for m, s in zip(self.methods, self.state, strict=True)
+            if layer in m.edited_layers()
+        ]
+        if self.stats is not None:
+            for method, ops in per_method:
+                edited = [op.rows for op in ops if op.kind != "observe"]
+                if edited:
+                    rows = edited[0] if len(edited) == 1 else torch.stack(edited).any(0)
+                    self.stats.add(method.name, layer, edited_rows=rows.sum())
+        edit = combine([ops for _, ops in per_method])
         if not edit:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -305,6 +325,11 @@ class Session:
             if method.needs_probe():
                 out = method.probe_output(layer, out, self.layout, state)
         return out, None
+
+
+def methods_contrast(methods: list[Method]) -> list[tuple[float, float | None] | None]:
+    """Each method's image-free contrast setting ``(gamma, cutoff)``, or ``None``."""
+    return [m.contrast() if hasattr(m, "contrast") else None for m in methods]
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -1,0 +1,121 @@
+"""Image-free contrast (PAI's ``cfg_gamma``): every forward also runs each prompt without its image, in the
+same batch, and the next-token scores become ``gamma * (logp - logp_noimg) + logp_noimg``.
+
+Hooks on the top-level model double the batch on the way in (prompt rows, then their image-free twins,
+left-padded to the same length, with their own padding mask and positions) and fold it back on the way
+out, so ``generate`` sees ``B`` rows while the model and its cache hold ``2B``. The image-free rows have
+no image tokens, so the attention edits leave them alone. With ``cutoff``, tokens whose probability is
+below ``cutoff`` times the most likely one's get ``-inf`` (the released code's plausibility constraint).
+Only the last position's scores are contrasted: earlier positions keep the prompt rows' logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+
+
+def contrast_scores(
+    cond: torch.Tensor, uncond: torch.Tensor, gamma: float, cutoff: float | None
+) -> torch.Tensor:
+    """``gamma * (log p - log q) + log q`` from two logit rows ``[..., V]``, with the plausibility cutoff."""
+    logp = torch.log_softmax(cond.float(), dim=-1)
+    logq = torch.log_softmax(uncond.float(), dim=-1)
+    out = gamma * (logp - logq) + logq
+    if cutoff is not None:
+        floor = logp.max(-1, keepdim=True).values + math.log(cutoff)
+        out = out.masked_fill(logp < floor, float("-inf"))
+    return out
+
+
+class Contrast:
+    """Batch-doubling hooks for one model; see the module docstring."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, gamma: float, cutoff: float | None):
+        if not hasattr(model, "lm_head"):
+            raise TypeError("the image-free contrast needs the model with its language-model head")
+        self.model = model
+        self.adapter = adapter
+        self.gamma = gamma
+        self.cutoff = cutoff
+        self.enabled = True
+        self.rows = 0
+        self.twin_mask: torch.Tensor | None = None  # [B, T] padding mask of the image-free prompts
+        self.shift: torch.Tensor | None = None  # [B] positions the twins are behind (their missing images)
+        self._handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not self.enabled or ids is None:
+            self.rows = 0
+            return None
+        kwargs = dict(kwargs)
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # generate drops the mask of unpadded batches
+            mask = torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.long, device=ids.device)
+        bsz = ids.shape[0]
+        if past == 0:
+            twins, twin_mask = self._image_free(ids, mask)
+            self.twin_mask = twin_mask
+            self.shift = mask.sum(-1) - twin_mask.sum(-1)
+            new_ids, new_mask = torch.cat([ids, twins]), torch.cat([mask, twin_mask])
+        else:
+            if self.twin_mask is None or self.twin_mask.shape[0] != bsz:
+                return None
+            grown = mask.shape[1] - self.twin_mask.shape[1]
+            twin_mask = (
+                torch.cat([self.twin_mask, mask[:, self.twin_mask.shape[1] :]], dim=1) if grown > 0 else mask
+            )
+            new_ids, new_mask = torch.cat([ids, ids]), torch.cat([mask, twin_mask])
+        kwargs["input_ids"] = new_ids
+        kwargs["attention_mask"] = new_mask
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            twin_positions = (positions - self.shift[:, None]).clamp_min(0)
+            if past == 0:
+                twin_positions = (new_mask[bsz:].long().cumsum(-1) - 1).clamp_min(0)
+            kwargs["position_ids"] = torch.cat([positions, twin_positions])
+        self.rows = bsz
+        return args, kwargs
+
+    def _image_free(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each prompt without its image tokens, left-padded to the prompt length."""
+        image = self.adapter.image_mask(ids, None)
+        pad = self.model.generation_config.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        twins = torch.full_like(ids, pad)
+        twin_mask = torch.zeros_like(mask)
+        keep = mask.bool() & ~image
+        length = ids.shape[1]
+        for row in range(ids.shape[0]):  # prompts differ in length; once per prefill
+            kept = ids[row, keep[row]]
+            twins[row, length - kept.numel() :] = kept
+            twin_mask[row, length - kept.numel() :] = 1
+        return twins, twin_mask
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        bsz, self.rows = self.rows, 0
+        if not bsz:
+            return output
+        logits = output.logits
+        cond, uncond = logits[:bsz], logits[bsz:]
+        last = contrast_scores(cond[:, -1], uncond[:, -1], self.gamma, self.cutoff)
+        output.logits = torch.cat([cond[:, :-1].float(), last[:, None]], dim=1).to(logits.dtype)
+        return output
