@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mitigate.kernels import AttentionEdit, HeadScale, LogitEdit, MassTransfer, combine, torch_sdpa
+from mitigate.kernels.edit import Observe, RowEdit
 from mitigate.kernels.reference import probabilities, reference_attention
 from mitigate.kernels.torch_sdpa import torch_attention
 from mitigate.methods.var import var_masses
@@ -28,7 +29,30 @@ def on_device(edit: AttentionEdit) -> AttentionEdit:
     return AttentionEdit([move(op) for op in edit.ops])
 
 
-KINDS = ["scale", "abs", "bias", "mass", "var", "head", "scale+mass", "two-mass", "all"]
+KINDS = ["scale", "abs", "bias", "mass", "var", "head", "scale+mass", "two-mass", "row", "observe", "all"]
+
+
+class Recorder:
+    """An observer that keeps what it saw, assembled into ``[B, H, Nq, Nk]`` (NaN where unseen)."""
+
+    def __init__(self):
+        self.seen = None
+
+    def __call__(self, p, rows, index):
+        if self.seen is None:
+            self.seen = {}
+        for r, position in enumerate(index.tolist()):
+            self.seen[position] = p[:, :, r].clone()
+
+    def dense(self, nq):
+        first = next(iter(self.seen.values()))
+        out = torch.full(
+            (first.shape[0], first.shape[1], nq, first.shape[2]), float("nan"), device=first.device
+        )
+        for position, value in self.seen.items():
+            out[:, :, position] = value
+        self.seen = None
+        return out
 
 
 def padded_mask(pad: list[int], nq: int, nk: int, causal: bool) -> torch.Tensor:
@@ -93,6 +117,16 @@ def make_edit(gen, kind, bsz, heads, nq, nk, row_style, per_head):
     if kind == "var":
         groups = torch.randint(0, 4, (bsz, nk), generator=gen)
         ops.append(MassTransfer(rows=rows, groups=groups, num_groups=4, fn=var_fn))
+    if kind in ("row", "all"):  # a GIFT-like per-key reweighting, renormalised
+        weights = 0.5 + torch.rand(bsz, nk, generator=gen)
+
+        def reweight(p, rows, index, weights=weights):
+            edited = p * weights.to(p)[:, None, None, :]
+            return edited / edited.sum(-1, keepdim=True).clamp_min(1e-30)
+
+        ops.append(RowEdit(rows=random_rows(gen, bsz, nq, "last"), fn=reweight))
+    if kind in ("observe", "all"):
+        ops.append(Observe(rows=rows, fn=Recorder()))
     if kind in ("head", "all"):
         ops.append(
             HeadScale(
@@ -145,8 +179,16 @@ def run_case(case, monkeypatch):
         monkeypatch.setattr(torch_sdpa, "CHUNK_BYTES", 4 * 4 * bsz * heads * nk * 2)
     if case["path"] == "grouped":  # grouped partial states wherever the ops allow them
         monkeypatch.setattr(torch_sdpa, "MAX_CHUNKS", 0)
+    recorder = next((op.fn for op in edit.ops if isinstance(op, Observe)), None)
     expected = reference_attention(q, k, v, mask, edit, 0.3, causal)
+    seen_ref = recorder.dense(nq) if recorder else None
     got = torch_attention(q, k, v, mask, edit, 0.3, causal)
+    if recorder:  # the torch kernel showed the observer the same probabilities, on at least its rows
+        seen = recorder.dense(nq)
+        observed = next(op.rows for op in edit.ops if isinstance(op, Observe))
+        both = observed[:, None, :, None].expand_as(seen)
+        assert not seen[both].isnan().any()
+        assert (seen[both] - seen_ref[both]).abs().max() <= TOL[case["dtype"]]
     assert got.shape == expected.shape == (bsz, nq, heads, dim)
     assert got.dtype == case["dtype"]
     # query rows that see no key at all (left padding) are don't-care: transformers never reads them
