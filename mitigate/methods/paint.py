@@ -78,12 +78,19 @@ class PAINT(Method):
     def vision_layers(self) -> frozenset[int]:
         return frozenset({0, self.info.vision_feature_layer})
 
+    def reset(self, state: dict[str, Any], layout: TokenLayout) -> None:
+        # generate() may run the vision tower before the language model's prefill: keep its capture
+        captured = state.get("cls")
+        state.clear()
+        if captured is not None:
+            state["cls"] = captured
+
     def observe_vision(self, layer_idx: int, cls_attention: torch.Tensor, state: dict[str, Any]) -> None:
         # summed over heads; columns after the CLS token are the patches, in feature order
         state.setdefault("cls", {})[layer_idx] = cls_attention.sum(1)[:, 1:]
 
     def _sets(self, layout: TokenLayout, state: dict[str, Any]) -> KeyBuffer:
-        cls = state.get("cls", {})
+        cls = state.pop("cls", {})  # consumed: a later prompt never reuses this image's capture
         if 0 not in cls or self.info.vision_feature_layer not in cls:
             raise RuntimeError("paint: the vision tower did not run at this prefill (no pixel_values?)")
         local, summary = token_sets(cls[0], cls[self.info.vision_feature_layer], self.config.local_ratio)
