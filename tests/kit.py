@@ -100,3 +100,71 @@ def row_inputs(inputs: dict[str, torch.Tensor], row: int, processor) -> dict[str
 def layer_inputs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Hidden states entering each decoder layer at prefill (index i = input of layer i)."""
     return model(**inputs, output_hidden_states=True).hidden_states
+
+
+# -- helpers for the method tests (oracle comparisons, kernels, removal) ------------------------------
+KERNELS = ("reference", "torch", "torch-grouped")
+
+
+def use_kernel(name: str, monkeypatch) -> str:
+    """The kernel to pass to mitigate for a test parameter; ``torch-grouped`` forces one-row chunks and
+    no materialised budget, so prefill takes the torch kernel's grouped or chunked paths."""
+    if name == "torch-grouped":
+        from mitigate.kernels import torch_sdpa
+
+        monkeypatch.setattr(torch_sdpa, "MIN_CHUNK_BYTES", 0)
+        monkeypatch.setattr(torch_sdpa, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(torch_sdpa, "MAX_CHUNKS", 0)
+        return "torch"
+    return name
+
+
+def mitigated_trace(model, inputs, spec, *, steps: int = 5, **kwargs):
+    """``(trace under the mitigation, per-method state after it, trace after remove())``."""
+    from mitigate import apply_mitigation
+
+    handle = apply_mitigation(model, spec, **kwargs)
+    try:
+        trace = greedy_trace(model, inputs, steps)
+        state = [dict(s) for s in handle._session.state]
+    finally:
+        handle.remove()
+    return trace, state, greedy_trace(model, inputs, steps)
+
+
+def assert_identical(a: Trace, b: Trace) -> None:
+    """Bit-identical logits and tokens."""
+    assert torch.equal(a.prefill, b.prefill)
+    assert all(torch.equal(x, y) for x, y in zip(a.steps, b.steps, strict=True))
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def assert_rows_match(batched: Trace, singles: list[Trace], atol: float = 1e-4) -> None:
+    """Each row of a left-padded batched trace equals the one-row trace of that prompt."""
+    width = batched.prefill.shape[1]
+    for r, one in enumerate(singles):
+        length = one.prefill.shape[1]
+        assert (batched.prefill[r, width - length :] - one.prefill[0]).abs().max() <= atol, f"row {r}"
+        for step_b, step_1 in zip(batched.steps, one.steps, strict=True):
+            assert (step_b[r] - step_1[0]).abs().max() <= atol, f"row {r}"
+        assert torch.equal(batched.tokens[r], one.tokens[0])
+
+
+@torch.no_grad()
+def generate_logits(model, inputs: dict[str, torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """The raw next-token logits ``model.generate`` saw at each greedy step ``[B, V]``."""
+    out = model.generate(
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return [x.float() for x in out.logits]
+
+
+def next_token_logits(trace: Trace) -> list[torch.Tensor]:
+    """A trace's logits for each generated token, as ``generate`` reports them: the prompt's last position,
+    then every decode step."""
+    return [trace.prefill[:, -1], *trace.steps]

@@ -25,6 +25,9 @@ class EagerOracle:
         self.past = 0
         self.image = None  # [B, T] bool
         self.valid = None  # [B, T] bool
+        self.ids = None  # [B, T] the prompt's token ids
+        self.pixel_values = None  # the prompt's images, when it has any
+        self.positions: list[int] = []  # absolute positions of the current call's query rows
 
     # -- plumbing ------------------------------------------------------------------------------
     def __enter__(self):
@@ -54,6 +57,8 @@ class EagerOracle:
             self.valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
             self.image = (ids == self.image_token_id) & self.valid
             self.prompt_len = ids.shape[1]
+            self.ids = ids
+            self.pixel_values = kwargs.get("pixel_values")
             self.new_prompt()
 
     def _layer_hook(self, idx):
@@ -71,6 +76,7 @@ class EagerOracle:
         k = key.float().repeat_interleave(groups, dim=1)
         v = value.float().repeat_interleave(groups, dim=1)
         z = (query.float() @ k.transpose(-1, -2)) * scaling
+        self.positions = list(range(self.past, self.past + nq))  # absolute positions of the query rows
         z = self.edit_logits(module.layer_idx, z)
         if attention_mask is None:
             keep = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)[None, None]
@@ -174,3 +180,359 @@ class VAROracle(EagerOracle):
                     new[nonsink_image] = row[nonsink_image] + moved * row[nonsink_image] / nonsink
                     p[b, h, i] = new
         return p
+
+
+# -- helpers shared by the oracles below ------------------------------------------------------------
+def _positions(mask_row: torch.Tensor) -> list[int]:
+    return mask_row.nonzero().squeeze(1).tolist()
+
+
+def _top(values: list[float], count: int) -> list[int]:
+    """Indices of the ``count`` largest values (ties: lower index first)."""
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))[:count]
+
+
+def vision_cls_attention(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """Per vision layer, the CLS query's attention to each patch summed over heads ``[images, patches]``,
+    recomputed from the tower's weights: LayerNorm -> q/k projections -> softmax of the CLS row."""
+    tower = model.model.vision_tower
+    encoder = tower.vision_model.encoder if hasattr(tower, "vision_model") else tower.encoder
+    with torch.no_grad():
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states  # [i] = input of layer i
+        out = []
+        for idx, layer in enumerate(encoder.layers):
+            x = layer.layer_norm1(hidden[idx]).float()
+            attn = layer.self_attn
+            images, tokens, width = x.shape
+            heads = attn.num_heads
+            dim = width // heads
+            q = attn.q_proj(x).view(images, tokens, heads, dim).transpose(1, 2)
+            k = attn.k_proj(x).view(images, tokens, heads, dim).transpose(1, 2)
+            z = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] / dim**0.5  # [images, heads, tokens]
+            out.append(torch.softmax(z, dim=-1).sum(1)[:, 1:])  # drop the CLS column
+    return out
+
+
+def paint_sets(first: torch.Tensor, feature: torch.Tensor, local_ratio: float) -> tuple[list, list]:
+    """PAINT's token sets per image, as Python sets of patch indices: ``local`` = the top ``local_ratio``
+    share of patches in the first layer, ``summary`` = patches above Q3 + 1.5 IQR (numpy percentiles) in
+    the feature layer, ``local -= summary``."""
+    import numpy as np
+
+    locals_, summaries = [], []
+    for img in range(first.shape[0]):
+        f = first[img].double().numpy()
+        count = int(f.shape[0] * local_ratio)
+        local = set(np.argsort(-f, kind="stable")[:count].tolist())
+        v = feature[img].double().numpy()
+        q1, q3 = np.percentile(v, 25), np.percentile(v, 75)
+        summary = {j for j in range(v.shape[0]) if v[j] > q3 + 1.5 * (q3 - q1)}
+        locals_.append(local - summary)
+        summaries.append(summary)
+    return locals_, summaries
+
+
+class PAIOracle(EagerOracle):
+    """PAI: in ``layers``, the last query row's logits to image keys become ``z + alpha*|z|`` in every head
+    (rows of the batch that have an image)."""
+
+    def __init__(self, model, image_token_id, *, alpha, layers):
+        super().__init__(model, image_token_id)
+        self.alpha = alpha
+        self.layers = set(layers)
+
+    def edit_logits(self, layer, z):
+        if layer not in self.layers:
+            return z
+        z = z.clone()
+        image = self.key_mask(self.image, z.shape[-1])
+        for b in range(z.shape[0]):
+            keys = _positions(image[b])
+            if not keys:
+                continue
+            for h in range(z.shape[1]):
+                row = z[b, h, -1]
+                row[keys] = row[keys] + self.alpha * row[keys].abs()
+        return z
+
+
+class VAFOracle(EagerOracle):
+    """VAF: in ``layers``, logits to image keys times ``image_scale`` and to the prefix (real tokens before
+    the first image) times ``system_scale``; on every query row (``rows="all"``) or, at prefill, only on
+    rows after the image (``rows="after_image"``; decode rows always)."""
+
+    def __init__(self, model, image_token_id, *, image_scale, system_scale, layers, rows="all"):
+        super().__init__(model, image_token_id)
+        self.image_scale = image_scale
+        self.system_scale = system_scale
+        self.layers = set(layers)
+        self.rows = rows
+
+    def edit_logits(self, layer, z):
+        if layer not in self.layers:
+            return z
+        z = z.clone()
+        for b in range(z.shape[0]):
+            image = _positions(self.image[b])
+            if not image:
+                continue
+            prefix = [j for j in range(min(image)) if bool(self.valid[b, j])]
+            for i, pos in enumerate(self.positions):
+                if self.rows == "after_image" and pos <= max(image):
+                    continue
+                for h in range(z.shape[1]):
+                    row = z[b, h, i]
+                    row[image] = row[image] * self.image_scale
+                    row[prefix] = row[prefix] * self.system_scale
+        return z
+
+
+class PAINTOracle(EagerOracle):
+    """PAINT: token sets from the vision tower's CLS attention (see :func:`paint_sets`), then in
+    ``layers`` the last row's logits grow by ``alpha*|z|`` on local image keys, ``beta*|z|`` on summary
+    keys. The r-th image token of the batch (row-major) is patch ``r % P`` of image ``r // P``."""
+
+    def __init__(self, model, image_token_id, *, alpha, beta, local_ratio, layers):
+        super().__init__(model, image_token_id)
+        self.alpha = alpha
+        self.beta = beta
+        self.local_ratio = local_ratio
+        self.layers = set(layers)
+        self.local: list[set[int]] = []
+        self.summary: list[set[int]] = []
+        self.boost: dict[tuple[int, int], float] = {}
+
+    def new_prompt(self):
+        self.local, self.summary, self.boost = [], [], {}
+        if self.pixel_values is None:
+            return
+        per_layer = vision_cls_attention(self.model, self.pixel_values)
+        index = self.model.config.vision_feature_layer  # into hidden_states: [0] embeddings, [i] layer i-1
+        feature = (len(per_layer) + 1 + index if index < 0 else index) - 1
+        self.local, self.summary = paint_sets(per_layer[0], per_layer[feature], self.local_ratio)
+        patches = per_layer[0].shape[-1]
+        r = 0
+        for b in range(self.image.shape[0]):
+            for j in _positions(self.image[b]):
+                img, patch = divmod(r, patches)
+                if patch in self.local[img]:
+                    self.boost[(b, j)] = self.alpha
+                elif patch in self.summary[img]:
+                    self.boost[(b, j)] = self.beta
+                r += 1
+
+    def edit_logits(self, layer, z):
+        if layer not in self.layers:
+            return z
+        z = z.clone()
+        for (b, j), amount in self.boost.items():
+            v = z[b, :, -1, j]
+            z[b, :, -1, j] = v + amount * v.abs()
+        return z
+
+
+class GIFTOracle(EagerOracle):
+    """GIFT as DESIGN.md states it. The user query is the prompt after the last image token without the
+    generation prompt (``ASSISTANT:``); ``informative`` (words) filters the query tokens that give the
+    saliency, ``None`` keeps them all. The saliency reads this pass's prefill probabilities of the
+    saliency layers (they precede every enhanced layer and the enhancement only touches the last row)."""
+
+    def __init__(
+        self,
+        model,
+        image_token_id,
+        *,
+        tokenizer,
+        saliency_layers,
+        enhance_layers,
+        alpha,
+        head_fraction,
+        informative: set[str] | None,
+        generation_prompt=("assistant", ":"),
+    ):
+        super().__init__(model, image_token_id)
+        self.tokenizer = tokenizer
+        self.saliency_layers = list(saliency_layers)
+        self.enhance_layers = set(enhance_layers)
+        self.alpha = alpha
+        self.head_fraction = head_fraction
+        self.informative = informative
+        self.suffix = tokenizer.convert_tokens_to_ids(list(generation_prompt))
+        self.saliency: list[torch.Tensor | None] = []
+        self.kept: list[list[int]] = []
+
+    def new_prompt(self):
+        self.query, self.kept, self.seen, self.saliency = [], [], {}, None
+        length = self.ids.shape[1]
+        for b in range(self.ids.shape[0]):
+            image = _positions(self.image[b])
+            if not image:
+                self.query.append([])
+                self.kept.append([])
+                continue
+            span = list(range(max(image) + 1, length))
+            assert self.ids[b, span[-len(self.suffix) :]].tolist() == self.suffix
+            span = span[: -len(self.suffix)]
+            words = self.tokenizer.convert_ids_to_tokens(self.ids[b, span].tolist())
+            self.query.append(span)
+            keep = [self.informative is None or w in self.informative for w in words]
+            self.kept.append([p for p, ok in zip(span, keep, strict=True) if ok])
+
+    def edit_probs(self, layer, p, positions):
+        if self.past == 0 and layer in self.saliency_layers:
+            self.seen[layer] = p.clone()
+        if layer not in self.enhance_layers:
+            return p
+        if self.saliency is None:
+            self.saliency = [self._saliency(b) for b in range(p.shape[0])]
+        return self._enhance(p)
+
+    def _saliency(self, b):
+        kept = self.kept[b]
+        if not kept:
+            return None
+        image = _positions(self.image[b])
+        heads = self.seen[self.saliency_layers[0]].shape[1]
+        keep = max(1, int(heads * self.head_fraction))
+        per_layer = []
+        for layer in self.saliency_layers:
+            a = self.seen[layer][b]  # [H, T, T]
+            change = torch.stack([(a[:, t, image] - a[:, t - 1, image]).clamp(min=0) for t in kept], dim=1)
+            chosen = _top([float(change[h].sum()) for h in range(heads)], keep)
+            per_layer.append(change[chosen].mean(dim=(0, 1)))
+        s = torch.stack(per_layer).mean(0)
+        mean, std = s.mean(), s.std(correction=1)
+        s = torch.minimum(torch.maximum(s, mean - 3 * std), mean + 3 * std)
+        low, high = s.min(), s.max()
+        if not high > low:
+            return None
+        return torch.exp(self.alpha * (s - low) / (high - low))
+
+    def _enhance(self, p):
+        p = p.clone()
+        heads = p.shape[1]
+        keep = max(1, int(heads * self.head_fraction))
+        for b in range(p.shape[0]):
+            weights = self.saliency[b]
+            if weights is None:
+                continue
+            image, query = _positions(self.image[b]), self.query[b]
+            row = p[b, :, -1].clone()  # [H, Nk]
+            vision = _top([float(row[h, image].sum()) for h in range(heads)], keep)
+            text = _top([float(row[h, query].sum()) for h in range(heads)], keep)
+            old = sum(row[h, image].sum() for h in vision)
+            new = sum((row[h, image] * weights).sum() for h in vision)
+            g = new / old
+            for h in vision:
+                row[h, image] = row[h, image] * weights
+            for h in text:
+                row[h, query] = row[h, query] * g
+            p[b, :, -1] = row / row.sum(-1, keepdim=True)
+        return p
+
+
+class VHROracle(EagerOracle):
+    """VHR: chosen heads' outputs (before ``o_proj``) times ``alpha`` at every position in ``layers``.
+
+    :meth:`choose` picks the heads the slow way: per prompt (unpadded) and per listed layer in order, one
+    forward of the prompt and one of the prompt without its image tokens, with the heads already chosen in
+    earlier layers reinforced; ``vhd = ||o_img - o_txt||``, ``ta = ||o_txt||^2`` at the last position;
+    with the outlier filter, heads above mean + (sample) std in both get ``vhd = 0``; heads with ``vhd``
+    above the layer's median are chosen."""
+
+    def __init__(self, model, image_token_id, *, alpha, layers, outlier_filter):
+        super().__init__(model, image_token_id)
+        self.alpha = alpha
+        self.layers = sorted(layers)
+        self.outlier_filter = outlier_filter
+        self.heads: dict[int, torch.Tensor] = {}  # layer -> bool [B, H]
+        self.capture: int | None = None
+        self.captured: torch.Tensor | None = None
+
+    def edit_output(self, layer, out):
+        if layer == self.capture:
+            self.captured = out[0, :, -1].clone()  # [H, D], before this layer's own scaling
+        heads = self.heads.get(layer)
+        if heads is None:
+            return out
+        factor = torch.where(heads, self.alpha, 1.0).to(out.dtype)  # [B, H]
+        return out * factor[:, :, None, None]
+
+    def _run(self, inputs, layer):
+        self.capture, self.captured = layer, None
+        with torch.no_grad():
+            self.model(**inputs)
+        self.capture = None
+        return self.captured
+
+    def _decide(self, o_img, o_txt) -> list[bool]:
+        import statistics
+
+        heads = o_img.shape[0]
+        vhd = [float(torch.linalg.vector_norm(o_img[h].double() - o_txt[h].double())) for h in range(heads)]
+        ta = [float((o_txt[h].double() ** 2).sum()) for h in range(heads)]
+        if self.outlier_filter:
+            v_bar, v_std = statistics.mean(vhd), statistics.stdev(vhd)
+            t_bar, t_std = statistics.mean(ta), statistics.stdev(ta)
+            outlier = [v > v_bar + v_std and t > t_bar + t_std for v, t in zip(vhd, ta, strict=True)]
+            vhd = [0.0 if out else v for v, out in zip(vhd, outlier, strict=True)]
+        median = statistics.median(vhd)
+        return [v > median for v in vhd]
+
+    def choose(self, rows: list[dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """Heads per layer ``[len(rows), H]`` for unpadded one-row inputs (call inside the context)."""
+        chosen = {layer: [] for layer in self.layers}
+        for inputs in rows:
+            ids = inputs["input_ids"][0]
+            text = ids[ids != self.image_token_id][None]
+            text_only = {"input_ids": text, "attention_mask": torch.ones_like(text)}
+            self.heads = {}
+            for layer in self.layers:
+                heads = self._decide(self._run(inputs, layer), self._run(text_only, layer))
+                self.heads[layer] = torch.tensor([heads])
+                chosen[layer].append(heads)
+        self.heads = {layer: torch.tensor(v) for layer, v in chosen.items()}
+        return self.heads
+
+
+class ComposedOracle(EagerOracle):
+    """Several oracles in one eager pass: every part's logit edit, then every part's probability edit,
+    then every part's output edit, each in the given order; layer hooks see the real (edited) pass."""
+
+    def __init__(self, model, image_token_id, parts):
+        super().__init__(model, image_token_id)
+        self.parts = parts
+
+    def _sync(self):
+        for part in self.parts:
+            for name in ("past", "valid", "image", "prompt_len", "ids", "pixel_values", "positions"):
+                setattr(part, name, getattr(self, name))
+
+    def _before(self, module, args, kwargs):
+        super()._before(module, args, kwargs)
+        self._sync()
+
+    def new_prompt(self):
+        self._sync()
+        for part in self.parts:
+            part.new_prompt()
+
+    def observe(self, layer, hidden):
+        for part in self.parts:
+            part.observe(layer, hidden)
+
+    def edit_logits(self, layer, z):
+        self._sync()
+        for part in self.parts:
+            z = part.edit_logits(layer, z)
+        return z
+
+    def edit_probs(self, layer, p, positions):
+        for part in self.parts:
+            p = part.edit_probs(layer, p, positions)
+        return p
+
+    def edit_output(self, layer, out):
+        for part in self.parts:
+            out = part.edit_output(layer, out)
+        return out

@@ -188,7 +188,8 @@ def run_case(case, monkeypatch):
         observed = next(op.rows for op in edit.ops if isinstance(op, Observe))
         both = observed[:, None, :, None].expand_as(seen)
         assert not seen[both].isnan().any()
-        assert (seen[both] - seen_ref[both]).abs().max() <= TOL[case["dtype"]]
+        if both.any():
+            assert (seen[both] - seen_ref[both]).abs().max() <= TOL[case["dtype"]]
     assert got.shape == expected.shape == (bsz, nq, heads, dim)
     assert got.dtype == case["dtype"]
     # query rows that see no key at all (left padding) are don't-care: transformers never reads them

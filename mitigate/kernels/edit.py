@@ -26,6 +26,8 @@ scaling (DESIGN.md, "Methods compose in the order given").
 
 Shapes: ``B`` batch, ``H`` query heads, ``Nq`` query rows of this call, ``Nk`` keys.
 Row masks are bool ``[B, Nq]``. Per-key tensors are ``[B, Hc, Nk]`` with ``Hc`` 1 or ``H``.
+Every op may carry ``span=(start, stop)``: host-side bounds such that all its True rows lie in
+``start <= row < stop``. Kernels then find the edited rows without reading the mask back from the GPU.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class LogitEdit:
     scale: torch.Tensor | None = None
     abs: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    span: tuple[int, int] | None = None
 
     kind = "logit"
 
@@ -68,6 +71,7 @@ class MassTransfer:
     num_groups: int
     fn: MassFn
     name: str = ""
+    span: tuple[int, int] | None = None
 
     kind = "mass"
 
@@ -80,6 +84,7 @@ class RowEdit:
     rows: torch.Tensor
     fn: RowFn
     name: str = ""
+    span: tuple[int, int] | None = None
 
     kind = "row"
 
@@ -92,6 +97,7 @@ class Observe:
     rows: torch.Tensor
     fn: RowFn
     name: str = ""
+    span: tuple[int, int] | None = None
 
     kind = "observe"
 
@@ -102,6 +108,7 @@ class HeadScale:
 
     rows: torch.Tensor
     scale: torch.Tensor
+    span: tuple[int, int] | None = None
 
     kind = "head"
 

@@ -140,20 +140,27 @@ def _edited_rows(query, key, value, mask, core, scaling, causal) -> torch.Tensor
     if nq <= chunk:  # decode and short prompts: every row at once, no plain pass, no host sync
         return _materialised(query, key, value, mask, core, scaling, causal, None)
     rows = _union_rows(core)
-    selected = rows.any(dim=0).nonzero().squeeze(1)  # one host sync per edited layer at prefill
-    out = sdpa(query, key, value, mask, scaling, causal).float()
+    spans = [op.span for op in core]
+    if all(span is not None for span in spans):  # host-side bounds: no read-back from the GPU
+        start, stop = min(s[0] for s in spans), max(s[1] for s in spans)
+        selected = torch.arange(start, max(start, stop), device=query.device)
+    else:
+        selected = rows.any(dim=0).nonzero().squeeze(1)  # one host sync per edited layer at prefill
+    out = sdpa(query, key, value, mask, scaling, causal)
     if selected.numel() == 0:
         return out
     if _grouped_ok(core) and _grouped_cheaper(selected.numel(), chunk, nq, core):
+        out = out.float()
         _grouped(query, key, value, mask, core, scaling, causal, rows, out)
         return out
     edited = _materialised(query, key, value, mask, core, scaling, causal, selected)
-    out[:, :, selected] = torch.where(rows[:, None, selected, None], edited, out[:, :, selected])
+    plain = out[:, :, selected]
+    out[:, :, selected] = torch.where(rows[:, None, selected, None], edited.to(out.dtype), plain)
     return out
 
 
 def _subset(op, index: torch.Tensor):
-    return replace(op, rows=op.rows[:, index])
+    return replace(op, rows=op.rows[:, index], span=None)
 
 
 _BMM_OUT_DTYPE: dict[str, bool] = {}

@@ -58,6 +58,7 @@ class AttentionCall:
     num_heads: int
     prefill: bool
     stats: Stats | None = None
+    past: int = 0  # keys cached before this call (host-side)
 
     @property
     def batch_size(self) -> int:
@@ -66,6 +67,17 @@ class AttentionCall:
     @property
     def device(self) -> torch.device:
         return self.positions.device
+
+    @property
+    def num_rows(self) -> int:
+        return self.positions.shape[0]
+
+    def after_image_span(self) -> tuple[int, int]:
+        """Host-side bounds of the rows after the image (see :class:`~mitigate.kernels.edit` ``span``)."""
+        return min(self.num_rows, max(0, self.layout.after_image - self.past)), self.num_rows
+
+    def last_row_span(self) -> tuple[int, int]:
+        return self.num_rows - 1, self.num_rows
 
     def last_row(self, batch_rows: torch.Tensor | None = None) -> torch.Tensor:
         """bool ``[B, Nq]``: the call's last query row (the prompt's last token at prefill, the new token

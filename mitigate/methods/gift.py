@@ -152,19 +152,29 @@ class GIFT(Method):
                 kept.append([])
                 continue
             first, last = span
-            observe[row, first - 1 : last + 1] = True  # the row before the query: the first change
             positions = list(range(first, last + 1))
             if self.config.pos_filter:
                 ids = layout.ids[row, first : last + 1].tolist()
                 positions = [
                     p for p, ok in zip(positions, informative_tokens(self.processor, ids), strict=True) if ok
                 ]
+            if positions:
+                observe[row, first - 1 : last + 1] = True  # the row before the query: the first change
             kept.append(positions)
         query_keys = torch.zeros_like(observe)
         for row, span in enumerate(spans):
             if span is not None:
                 query_keys[row, span[0] : span[1] + 1] = True
-        state.update(observe=observe, kept=kept, rows={}, query=KeyBuffer(query_keys, fill=False))
+        firsts = [span[0] - 1 for span, k in zip(spans, kept, strict=True) if span is not None and k]
+        lasts = [span[1] + 1 for span, k in zip(spans, kept, strict=True) if span is not None and k]
+        observe_span = (min(firsts), max(lasts)) if firsts else (0, 0)
+        state.update(
+            observe=observe,
+            kept=kept,
+            rows={},
+            query=KeyBuffer(query_keys, fill=False),
+            observe_span=observe_span,
+        )
 
     def _observer(self, layer: int, state: dict[str, Any]):
         def fn(p: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
@@ -203,9 +213,10 @@ class GIFT(Method):
     def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
         layer = call.layer_idx
         ops: list[Op] = []
-        if call.prefill and layer in self.saliency:
+        if call.prefill and layer in self.saliency and state["observe_span"][1] > state["observe_span"][0]:
             rows = state["observe"][:, call.positions]
-            ops.append(Observe(rows=rows, fn=self._observer(layer, state), name=self.name))
+            span = state["observe_span"]
+            ops.append(Observe(rows=rows, fn=self._observer(layer, state), name=self.name, span=span))
         if layer in self.enhance_at:
             if "weights" not in state:  # once per prefill, after every saliency layer has been seen
                 weights, enhanced = self._weights(call.layout, state)
@@ -220,5 +231,6 @@ class GIFT(Method):
             def fn(p: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
                 return enhance(p, image, query, weights, fraction)
 
-            ops.append(RowEdit(rows=call.last_row(state["enhanced"]), fn=fn, name=self.name))
+            rows = call.last_row(state["enhanced"])
+            ops.append(RowEdit(rows=rows, fn=fn, name=self.name, span=call.last_row_span()))
         return ops

@@ -106,4 +106,4 @@ class PAINT(Method):
         if state["abs"] is None:
             return []
         rows = call.last_row(call.layout.has_image)
-        return [LogitEdit(rows=rows, abs=state["abs"].get(call.num_keys))]
+        return [LogitEdit(rows=rows, abs=state["abs"].get(call.num_keys), span=call.last_row_span())]

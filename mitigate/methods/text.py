@@ -3,7 +3,8 @@
 The informative filter keeps nouns, proper nouns, verbs, adjectives, adverbs and numbers, as GIFT's
 released code does with spaCy. spaCy's English models are not on the package registry, so the tagger is
 TextBlob's bundled Pattern tagger (``pip install mitigate[evals]``; no download at run time), with Penn
-tags mapped to those classes and auxiliaries (is, do, can, ...) left out as spaCy's AUX would be.
+tags mapped to those classes the way spaCy's coarse tags fall: auxiliaries (is, do, can, ...) are AUX
+and "not" is PART (both left out), wh-adverbs (how, where) are ADV (kept).
 Without TextBlob, a stop-word list stands in; :data:`TAGGER` says which one ran.
 """
 
@@ -18,10 +19,10 @@ import torch
 log = logging.getLogger("mitigate")
 
 PENN_INFORMATIVE = ("NN", "NNS", "NNP", "NNPS", "VB", "VBD", "VBG", "VBN", "VBP", "VBZ", "JJ", "JJR", "JJS",
-                    "RB", "RBR", "RBS", "CD")  # fmt: skip
+                    "RB", "RBR", "RBS", "WRB", "CD")  # fmt: skip
 AUXILIARIES = frozenset(
     "am is are was were be been being do does did have has had can could will would shall should may might "
-    "must 's 're 'm 've 'd".split()
+    "must 's 're 'm 've 'd not n't".split()
 )
 STOP_WORDS = AUXILIARIES | frozenset(
     "a an the this that these those there here it its i you he she we they me him her us them my your his "

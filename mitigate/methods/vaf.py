@@ -45,7 +45,7 @@ class VAF(Method):
     def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
         layout = call.layout
         if self.config.rows == "all":
-            rows = layout.has_image[:, None].expand(-1, call.positions.shape[0])
+            rows, span = layout.has_image[:, None].expand(-1, call.num_rows), (0, call.num_rows)
         else:
-            rows = layout.rows_after_image(call.positions)
-        return [LogitEdit(rows=rows, scale=state["scale"].get(call.num_keys))]
+            rows, span = layout.rows_after_image(call.positions), call.after_image_span()
+        return [LogitEdit(rows=rows, scale=state["scale"].get(call.num_keys), span=span)]

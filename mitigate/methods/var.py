@@ -109,13 +109,18 @@ class VAR(Method):
         state.setdefault("active_rows", {})[layer_idx] = image_sink_rows
         # decode rows are all after the image: their row mask is fixed for the whole generation
         state.setdefault("decode_rows", {})[layer_idx] = (image_sink_rows & layout.has_image)[:, None]
-        # one host sync per layer per prefill; decode steps then skip inactive layers for free
-        state.setdefault("active", {})[layer_idx] = bool(image_sink_rows.any())
 
     def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
         layer = call.layer_idx
-        if not state.get("active", {}).get(layer, False):
+        if "groups" not in state or layer not in state["groups"]:
             return []
+        if not call.prefill:
+            if "active" not in state:  # one host sync per generation: which layers found an image sink
+                layers = sorted(state["active_rows"])
+                flags = torch.stack([state["active_rows"][i].any() for i in layers]).tolist()
+                state["active"] = dict(zip(layers, flags, strict=True))
+            if not state["active"][layer]:
+                return []
         groups = state["groups"][layer].get(call.num_keys)
         if not call.prefill and call.positions.shape[0] == 1:
             rows = state["decode_rows"][layer]
@@ -134,4 +139,8 @@ class VAR(Method):
                 )
             return new
 
-        return [MassTransfer(rows=rows, groups=groups, num_groups=4, fn=fn, name=self.name)]
+        return [
+            MassTransfer(
+                rows=rows, groups=groups, num_groups=4, fn=fn, name=self.name, span=call.after_image_span()
+            )
+        ]

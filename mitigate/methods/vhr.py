@@ -70,4 +70,4 @@ class VHR(Method):
             return []
         scale = torch.where(heads, self.config.alpha, 1.0)
         rows = torch.ones(call.batch_size, call.positions.shape[0], dtype=torch.bool, device=call.device)
-        return [HeadScale(rows=rows, scale=scale)]
+        return [HeadScale(rows=rows, scale=scale, span=(0, call.num_rows))]

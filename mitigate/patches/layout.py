@@ -40,6 +40,8 @@ class TokenLayout:
     last_image: torch.Tensor
     prompt_len: int
     ids: torch.Tensor | None = None  # the prompt's token ids, when the model got ids (not embeddings)
+    #: host-side: the first position after the image in every row that has one (prompt_len if none)
+    after_image: int = 0
     _buffers: dict[str, KeyBuffer] = field(default_factory=dict, repr=False)
 
     @property
@@ -95,4 +97,6 @@ def build_layout(
         last_image=last,
         prompt_len=seq,
         ids=ids,
+        # one host sync per prefill, so that per-layer code never needs one
+        after_image=int(torch.where(has, last + 1, seq).min()) if bsz else seq,
     )

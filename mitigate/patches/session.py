@@ -294,6 +294,7 @@ class Session:
             num_heads=query.shape[1],
             prefill=self.prefill,
             stats=self.stats,
+            past=self.past,
         )
         per_method = [
             (m, m.edit(call, s))
