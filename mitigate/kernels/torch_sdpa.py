@@ -32,6 +32,8 @@ CHUNK_BYTES = int(os.environ.get("MITIGATE_CHUNK_BYTES", 32 * 2**20))
 CHUNK_SHARE = 0.25
 #: ... but never less than this (tiny inputs would otherwise be cut into one-row chunks)
 MIN_CHUNK_BYTES = 2**20
+#: on a GPU each chunk costs tens of kernel launches: fewer, larger chunks (still O(T) memory)
+MIN_CHUNK_BYTES_GPU = 16 * 2**20
 #: at most this many combined key groups on the grouped path
 MAX_GROUPS = 8
 #: the materialised path is taken for up to this many chunks of rows (a Python loop, launch-bound on GPU)
@@ -130,7 +132,8 @@ def _chunk_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> 
     """Rows per chunk: about four fp32 ``[B, H, rows, Nk]`` temporaries within the budget."""
     bsz, heads, _, _ = query.shape
     inputs = sum(t.numel() * t.element_size() for t in (query, key, value))
-    budget = min(CHUNK_BYTES, max(int(CHUNK_SHARE * inputs), MIN_CHUNK_BYTES))
+    floor = MIN_CHUNK_BYTES_GPU if query.is_cuda and MIN_CHUNK_BYTES else MIN_CHUNK_BYTES
+    budget = min(CHUNK_BYTES, max(int(CHUNK_SHARE * inputs), floor))
     return max(1, budget // (4 * 4 * bsz * heads * key.shape[2]))
 
 
