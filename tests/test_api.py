@@ -119,3 +119,31 @@ def test_two_models_at_once(single):
     with mitigated(a, "var", sink_dims="auto", tau=1.5, min_image_mass=0.0):
         assert kit.max_diff(kit.greedy_trace(b, single, steps=1), vanilla) == 0.0
         assert kit.max_diff(kit.greedy_trace(a, single, steps=1), vanilla) > 1e-3
+
+
+def test_paint_refuses_a_tower_without_cls():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from mitigate.builtin.tiny_llava import build_config
+
+    base = build_config()
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    config = LlavaConfig(
+        text_config=base.text_config,
+        vision_config=vision,
+        image_token_id=base.image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    model = LlavaForConditionalGeneration(config)
+    with pytest.raises(ConfigError, match="CLS token"):
+        apply_mitigation(model, "paint")
+    with mitigated(model, "pai") as handle:  # the method that does not need one still applies
+        assert handle.methods["pai"]["alpha"] == 0.5
