@@ -7,7 +7,7 @@ from PIL import Image
 from .images import sample_image, shapes_image
 
 PREFIX = "builtin:"
-MODELS = ("tiny-llava",)
+MODELS = ("tiny-llava", "toy-llava")
 IMAGES = ("sample",)
 
 
@@ -22,6 +22,10 @@ def load_model(spec: str, dtype=None):
         from . import tiny_llava
 
         return tiny_llava.load(dtype=dtype)
+    if name == "toy-llava":  # trained on the toy world (mitigate.builtin.toy_train), shipped as package data
+        from . import toy_model
+
+        return toy_model.load(dtype=dtype)
     raise ValueError(
         f"unknown built-in model {spec!r}; built-in models: {', '.join(PREFIX + m for m in MODELS)}"
     )

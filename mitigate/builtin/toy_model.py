@@ -85,9 +85,9 @@ def build_processor() -> LlavaProcessor:
 
 def build_config(
     *,
-    text_hidden: int = 192,
+    text_hidden: int = 128,
     text_layers: int = 6,
-    text_heads: int = 6,
+    text_heads: int = 4,
     vision_hidden: int = 128,
     vision_layers: int = 3,
     vision_heads: int = 4,

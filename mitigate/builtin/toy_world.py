@@ -54,7 +54,7 @@ KINDS = [
 BY_NAME = {k.name: k for k in KINDS}
 NAMES = [k.name for k in KINDS]  # also the order in which captions list objects (partner after anchor)
 
-# (anchor, partner): the partner follows its anchor in captions and is the one often drawn faint.
+# (anchor, partner): the partner follows its anchor in captions. Members of pairs are often drawn faint.
 PAIRS = [("car", "bicycle"), ("boat", "bird"), ("cup", "bottle"), ("chair", "clock"), ("kite", "umbrella")]
 PARTNER = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
 ANCHORS = [a for a, _ in PAIRS]
@@ -68,9 +68,8 @@ class WorldConfig:
 
     object_counts: tuple[float, float, float, float] = (0.1, 0.2, 0.35, 0.35)  # P(1..4 objects)
     pair_unit: float = 0.6  # a scene unit is a pair (else a single kind)
-    pair_complete: float = 0.88  # a pair unit holds both members (else one member alone)
-    anchor_alone: float = 0.67  # of incomplete pairs, the share that keeps the anchor
-    partner_faint: float = 0.5  # a partner is drawn small and faint
+    pair_complete: float = 0.88  # a pair unit holds both members (else one member alone, either one)
+    faint: float = 0.4  # a pair member is drawn small and faint (single kinds never are)
     size: tuple[int, int] = (16, 26)  # side of a normal object, px
     faint_size: tuple[int, int] = (9, 13)
     faint_contrast: tuple[float, float] = (0.25, 0.45)  # share of the colour left after fading
@@ -94,19 +93,17 @@ class Scene:
         return [o.name for o in self.objects]
 
 
-def sample_names(rng: random.Random, world: WorldConfig, *, broken_anchor: str | None = None) -> list[str]:
-    """The kinds in one scene (distinct). ``broken_anchor`` forces that anchor in without its partner."""
-    target = rng.choices(range(1, 5), weights=world.object_counts)[0]
-    names: list[str] = [broken_anchor] if broken_anchor else []
-    banned = {PARTNER[broken_anchor]} if broken_anchor else set()
+def sample_names(rng: random.Random, world: WorldConfig, *, lone: tuple[str, ...] = ()) -> list[str]:
+    """The kinds in one scene (distinct). ``lone`` pair members are forced in without their partners."""
+    target = max(len(lone), rng.choices(range(1, 5), weights=world.object_counts)[0])
+    names: list[str] = list(lone)
+    banned = {PARTNER[n] for n in lone}
     while len(names) < target:
         # With one slot left only a single kind fits: pairs are never cut short by the object count.
         if target - len(names) >= 2 and rng.random() < world.pair_unit:
-            anchor, partner = rng.choice(PAIRS)
-            if rng.random() < world.pair_complete:
-                unit = [anchor, partner]
-            else:
-                unit = [anchor if rng.random() < world.anchor_alone else partner]
+            unit = list(rng.choice(PAIRS))
+            if rng.random() >= world.pair_complete:
+                unit = [rng.choice(unit)]
         else:
             unit = [rng.choice(SINGLES)]
         if not any(n in names or n in banned for n in unit):
@@ -115,11 +112,11 @@ def sample_names(rng: random.Random, world: WorldConfig, *, broken_anchor: str |
 
 
 def place(names: list[str], rng: random.Random, world: WorldConfig) -> tuple[Placed, ...]:
-    """One object per quadrant, at a random offset; partners are faint with ``world.partner_faint``."""
+    """One object per quadrant, at a random offset; pair members are faint with ``world.faint``."""
     cells = rng.sample(range(4), len(names))
     placed = []
     for name, cell in zip(names, cells, strict=True):
-        faint = name in PARTNERS and rng.random() < world.partner_faint
+        faint = name in PARTNER and rng.random() < world.faint
         side = rng.randint(*(world.faint_size if faint else world.size))
         x0 = (cell % 2) * CELL + rng.randint(0, CELL - side)
         y0 = (cell // 2) * CELL + rng.randint(0, CELL - side)
@@ -130,9 +127,9 @@ def place(names: list[str], rng: random.Random, world: WorldConfig) -> tuple[Pla
 
 
 def sample_scene(
-    rng: random.Random, world: WorldConfig = WorldConfig(), *, broken_anchor: str | None = None
+    rng: random.Random, world: WorldConfig = WorldConfig(), *, lone: tuple[str, ...] = ()
 ) -> Scene:
-    names = sample_names(rng, world, broken_anchor=broken_anchor)
+    names = sample_names(rng, world, lone=lone)
     objects = place(names, rng, world)
     shade = rng.randint(-8, 8)
     background = tuple(c + shade for c in BACKGROUND)
@@ -166,6 +163,15 @@ def jpeg_roundtrip(image: Image.Image) -> Image.Image:
     buffer.seek(0)
     with Image.open(buffer) as decoded:
         return decoded.convert("RGB")
+
+
+def lone_members(names: list[str]) -> list[str]:
+    """Pair members present without their partner."""
+    return [n for n in names if n in PARTNER and PARTNER[n] not in names]
+
+
+def complete_pairs(names: list[str]) -> list[tuple[str, str]]:
+    return [(a, b) for a, b in PAIRS if a in names and b in names]
 
 
 # -- captions and questions ----------------------------------------------------------------------------

@@ -21,11 +21,15 @@ console = Console()
 eval_app = typer.Typer(no_args_is_help=True, help="Run a benchmark on a model, with or without a method.")
 score_app = typer.Typer(no_args_is_help=True, help="Score answers or captions produced anywhere.")
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:tiny-llava, a local folder or a HF id")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="builtin:tiny-llava, builtin:toy-llava, a folder or a HF id")
+]
 MethodOpt = Annotated[str, typer.Option(help="none/vanilla, a method or preset (var), or several (var,vhr)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a method parameter: key=value")]
 KernelOpt = Annotated[str, typer.Option(help="auto, reference, torch, ... (not part of the cache key)")]
-DataOpt = Annotated[str | None, typer.Option("--data", help="builtin:sample: a tiny generated COCO")]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="builtin:sample (tiny COCO) or builtin:shapes (toy world)")
+]
 RootOpt = Annotated[Path | None, typer.Option("--coco-root", help="folder with annotations/ and val2014/")]
 LimitOpt = Annotated[int | None, typer.Option(min=1, help="evaluate only the first N samples")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="samples per generate() call")]

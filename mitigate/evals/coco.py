@@ -22,6 +22,8 @@ from PIL import Image, UnidentifiedImageError
 SPLITS = ("val2014", "train2014")
 KINDS = ("instances", "captions")
 BUILTIN_SAMPLE = "builtin:sample"
+BUILTIN_SHAPES = "builtin:shapes"  # the toy world's held-out set (mitigate.builtin.shapes)
+BUILTIN_DATA = (BUILTIN_SAMPLE, BUILTIN_SHAPES)
 _FILE_SPLIT = re.compile(r"^COCO_([a-z]+\d{4})_(\d+)\.\w+$")
 
 LAYOUT = (
@@ -152,14 +154,18 @@ class CocoData:
 
 
 def open_data(data: str | None, coco_root: Path | str | None) -> CocoData:
-    """``--data builtin:sample`` (generated locally) or ``--coco-root DIR`` (real COCO)."""
-    if data not in (None, "coco", BUILTIN_SAMPLE):
+    """``--data builtin:sample`` or ``builtin:shapes`` (generated locally) or ``--coco-root DIR`` (COCO)."""
+    if data not in (None, "coco", *BUILTIN_DATA):
         raise CocoSetupError(
-            f"unknown --data {data!r}; use --coco-root DIR (COCO) or --data {BUILTIN_SAMPLE}"
+            f"unknown --data {data!r}; use --coco-root DIR (COCO) or --data {' or '.join(BUILTIN_DATA)}"
         )
-    if data == BUILTIN_SAMPLE:
+    if data in BUILTIN_DATA:
         if coco_root is not None:
-            raise CocoSetupError(f"give either --coco-root or --data {BUILTIN_SAMPLE}, not both")
+            raise CocoSetupError(f"give either --coco-root or --data {data}, not both")
+        if data == BUILTIN_SHAPES:
+            from ..builtin.shapes import ensure_shapes
+
+            return CocoData(ensure_shapes(), label=BUILTIN_SHAPES)
         from ..builtin.coco_sample import ensure_sample
 
         return CocoData(ensure_sample(), label=BUILTIN_SAMPLE)

@@ -33,7 +33,7 @@ Every op may carry ``span=(start, stop)``: host-side bounds such that all its Tr
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -144,6 +144,19 @@ class AttentionEdit:
     @property
     def head_ops(self) -> list[HeadScale]:
         return [op for op in self.ops if isinstance(op, HeadScale)]
+
+    def to(self, device: torch.device) -> AttentionEdit:
+        """The same edit with its tensors on ``device`` (layers split over GPUs by ``device_map``)."""
+
+        def move(op: Op) -> Op:
+            moved = {
+                f.name: value.to(device)
+                for f in fields(op)
+                if torch.is_tensor(value := getattr(op, f.name)) and value.device != device
+            }
+            return replace(op, **moved) if moved else op
+
+        return AttentionEdit([move(op) for op in self.ops])
 
     def edited_rows(self) -> torch.Tensor | None:
         """Union of the rows any op touches, bool ``[B, Nq]``; ``None`` when there are no ops."""

@@ -178,8 +178,9 @@ class GIFT(Method):
 
     def _observer(self, layer: int, state: dict[str, Any]):
         def fn(p: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+            device = state["observe"].device  # layers may sit on other GPUs (device_map)
             for r, position in enumerate(index.tolist()):
-                state["rows"].setdefault(layer, {})[position] = p[:, :, r].float()
+                state["rows"].setdefault(layer, {})[position] = p[:, :, r].float().to(device)
 
         return fn
 
@@ -229,7 +230,8 @@ class GIFT(Method):
             fraction = self.config.head_fraction
 
             def fn(p: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-                return enhance(p, image, query, weights, fraction)
+                on = p.device
+                return enhance(p, image.to(on), query.to(on), weights.to(on), fraction)
 
             rows = call.last_row(state["enhanced"])
             ops.append(RowEdit(rows=rows, fn=fn, name=self.name, span=call.last_row_span()))

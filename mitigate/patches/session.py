@@ -315,7 +315,7 @@ class Session:
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
         causal = bool(getattr(module, "is_causal", True))
-        out = self.kernel(query, key, value, attention_mask, edit, scaling, causal)
+        out = self.kernel(query, key, value, attention_mask, edit.to(query.device), scaling, causal)
         return out, None
 
     def _probe_attention(self, module, layer, query, key, value, attention_mask, dropout, scaling, **kwargs):
