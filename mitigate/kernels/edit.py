@@ -147,6 +147,8 @@ class AttentionEdit:
 
     def to(self, device: torch.device) -> AttentionEdit:
         """The same edit with its tensors on ``device`` (layers split over GPUs by ``device_map``)."""
+        if all(op.rows.device == device for op in self.ops):  # the usual case, checked cheaply
+            return self
 
         def move(op: Op) -> Op:
             moved = {
