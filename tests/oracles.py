@@ -49,7 +49,7 @@ class EagerOracle:
         AttentionMaskInterface._global_mapping.pop(ORACLE, None)
 
     def _before(self, module, args, kwargs):
-        ids = kwargs["input_ids"]
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]  # LLaVA-NeXT passes it positionally
         cache = kwargs.get("cache")
         self.past = cache.get_seq_length() if cache is not None else 0
         if self.past == 0:
@@ -58,7 +58,7 @@ class EagerOracle:
             self.image = (ids == self.image_token_id) & self.valid
             self.prompt_len = ids.shape[1]
             self.ids = ids
-            self.pixel_values = kwargs.get("pixel_values")
+            self.pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
             self.new_prompt()
 
     def _layer_hook(self, idx):

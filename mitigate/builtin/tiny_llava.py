@@ -129,16 +129,22 @@ def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> LlavaFo
     Random init gives near-uniform attention, so the 2-D language weights are re-drawn from N(0, std) to
     make attention peaked enough for edits to matter (DESIGN.md, facts about transformers 5.x).
     """
+    return finish(LlavaForConditionalGeneration, build_config(**config_kwargs), NAME, seed, std)
+
+
+def finish(cls, config, name: str, seed: int, std: float):
+    """Instantiate ``cls(config)`` under ``seed``, re-draw the 2-D language weights from N(0, std), and
+    name it ``name`` (methods pick per-model presets by that name)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(build_config(**config_kwargs))
+        model = cls(config)
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for module in (model.model.language_model, model.lm_head):
                 for param in module.parameters():
                     if param.dim() == 2:
                         param.copy_(torch.randn(param.shape, generator=gen) * std)
-    model.config._name_or_path = NAME
+    model.config._name_or_path = name
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 3
     return model.eval()

@@ -68,6 +68,12 @@ class PAINT(Method):
         self, config: PAINTConfig, info: ModelInfo, preset: str | None = None, processor: Any = None
     ):
         super().__init__(config, info, preset, processor)
+        if not info.flat_image_features:
+            raise ConfigError(
+                f"paint: mapping CLS-chosen patches onto {info.family}'s image tokens (a base view, tiles "
+                "and row-end tokens) is not implemented; PAINT runs on LLaVA-1.5-style models. "
+                "Use pai, which boosts every image token."
+            )
         if info.vision_feature_layer is None or not info.vision_has_cls:
             raise ConfigError(
                 "paint needs a vision tower with a CLS token (CLIP): its token sets come from the CLS "

@@ -30,6 +30,8 @@ class ModelInfo:
     vision_feature_layer: int | None = None  # 0-based layer whose output becomes the image tokens
     vision_has_cls: bool = False
     features_drop_cls: bool = True
+    #: image tokens are one tower pass's patch features, in order (LLaVA-1.5); not with tiles (NeXT)
+    flat_image_features: bool = True
 
 
 class Adapter:
@@ -161,7 +163,18 @@ class LlavaAdapter(Adapter):
         return self.model.config.vision_feature_select_strategy == "default"
 
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT (``LlavaNextForConditionalGeneration``): any-resolution tiles of a CLIP tower, with
+    row-end tokens, all marked with ``image_token_id`` in the prompt."""
+
+    family = "llava-next"
+    config_classes = ("LlavaNextConfig",)
+
+    def _vision_info(self) -> dict:
+        return {**super()._vision_info(), "flat_image_features": False}
+
+
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter]
 
 
 def supported_families() -> str:

@@ -1,0 +1,89 @@
+"""Other model families through the same code: LLaVA-NeXT (any-resolution tiles and row-end tokens)."""
+
+import kit
+import pytest
+import torch
+from oracles import VAROracle
+
+from mitigate import ConfigError, apply_mitigation, mitigated
+from mitigate.builtin import shapes_image, tiny_llava_next
+from mitigate.builtin.tiny_llava import IMAGE_TOKEN, VOCAB
+
+IMAGE_ID = VOCAB.index(IMAGE_TOKEN)
+
+SPECS = ["var-tiny", "gift", "vhr", "pai", "pai-released", "vaf", "vaf-released", ["pai", "var-tiny", "vhr"]]
+
+
+@pytest.fixture(scope="module")
+def next_model():
+    return tiny_llava_next.build_model(), tiny_llava_next.build_processor()
+
+
+@pytest.fixture(scope="module")
+def next_batch(next_model):
+    """Left-padded rows with images of different shapes (different tile counts) and a text-only row."""
+    _, processor = next_model
+    images = [shapes_image(1, size=40)[0], None, shapes_image(2, size=64)[0].resize((64, 32))]
+    return kit.batch(processor, [kit.PROMPTS[0], kit.PROMPTS[2], kit.PROMPTS[1]], images)
+
+
+def test_tiles_give_different_image_lengths(next_model, next_batch):
+    model, _ = next_model
+    counts = (next_batch["input_ids"] == model.config.image_token_id).sum(-1).tolist()
+    assert counts[1] == 0 and counts[0] != counts[2] and min(counts[0], counts[2]) > 16
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_generate_batched_equals_single(next_model, next_batch, spec):
+    model, processor = next_model
+    settings = {
+        "max_new_tokens": 4,
+        "do_sample": False,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+    }
+    vanilla = model.generate(**next_batch, **settings)
+    with mitigated(model, spec, processor=processor):
+        batched = model.generate(**next_batch, **settings)
+        singles = [model.generate(**row_inputs(next_batch, r), **settings) for r in range(3)]
+    assert max((a - b).abs().max() for a, b in zip(batched.logits, vanilla.logits, strict=True)) > 1e-3
+    for r, one in enumerate(singles):
+        assert torch.equal(batched.sequences[r, -4:], one.sequences[0, -4:])
+        for step_b, step_1 in zip(batched.logits, one.logits, strict=True):
+            finite = torch.isfinite(step_1[0])
+            assert (step_b[r][finite] - step_1[0][finite]).abs().max() <= 1e-4
+    assert torch.equal(model.generate(**next_batch, **settings).sequences, vanilla.sequences)
+
+
+def row_inputs(batch, row):
+    """One row of a LLaVA-NeXT batch alone: pixel tiles and image size picked by image order."""
+    mask = batch["attention_mask"][row].bool()
+    ids = batch["input_ids"][row][mask][None]
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    has_image = (batch["input_ids"] == IMAGE_ID).any(dim=1)
+    if has_image[row]:
+        index = int(has_image[:row].sum())
+        out["pixel_values"] = batch["pixel_values"][index : index + 1]
+        out["image_sizes"] = batch["image_sizes"][index : index + 1]
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["reference", "torch"])
+def test_var_matches_independent_formula(next_model, next_batch, kernel):
+    model, _ = next_model
+    params = {"sink_dims": "auto", "tau": 2.0, "moved_fraction": 0.6, "min_nonsink_ratio": 0.3,
+              "min_image_mass": 0.05, "layers": [2, 3]}  # fmt: skip
+    vanilla = kit.greedy_trace(model, next_batch)
+    with VAROracle(model, model.config.image_token_id, **params):
+        expected = kit.greedy_trace(model, next_batch)
+    with mitigated(model, "var", kernel=kernel, **params):
+        got = kit.greedy_trace(model, next_batch)
+    valid = next_batch["attention_mask"].bool()
+    assert kit.max_diff(expected, vanilla, valid) > 1e-3
+    assert kit.max_diff(got, expected, valid) <= 1e-4
+
+
+def test_paint_explains_why_not(next_model):
+    model, _ = next_model
+    with pytest.raises(ConfigError, match="tiles"):
+        apply_mitigation(model, "paint")
