@@ -72,6 +72,7 @@ class EagerOracle:
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
         _bsz, heads, nq, _ = query.shape
         nk = key.shape[2]
+        self.key_offset = max(0, self.past + nq - nk)
         groups = heads // key.shape[1]
         k = key.float().repeat_interleave(groups, dim=1)
         v = value.float().repeat_interleave(groups, dim=1)
@@ -91,8 +92,10 @@ class EagerOracle:
         return out.transpose(1, 2).to(query.dtype), None
 
     def key_mask(self, mask: torch.Tensor, nk: int) -> torch.Tensor:
-        pad = torch.zeros(mask.shape[0], max(0, nk - mask.shape[1]), dtype=torch.bool)
-        return torch.cat([mask, pad], dim=1)[:, :nk]
+        """A prompt mask over the call's keys; a sliding-window cache keeps only the latest positions."""
+        offset = getattr(self, "key_offset", 0)
+        pad = torch.zeros(mask.shape[0], max(0, offset + nk - mask.shape[1]), dtype=torch.bool)
+        return torch.cat([mask, pad], dim=1)[:, offset : offset + nk]
 
     # -- hooks for subclasses --------------------------------------------------------------------
     def new_prompt(self):
@@ -159,9 +162,11 @@ class VAROracle(EagerOracle):
         sinks = self.key_mask(self.sinks[layer], nk)
         image = self.key_mask(self.image, nk)
         for b in range(p.shape[0]):
-            if not (sinks[b] & image[b]).any():
+            # whether the layer has an image sink, and where the image ends, are facts of the prompt
+            # (a sliding-window cache may no longer hold them)
+            if not (self.sinks[layer][b] & self.image[b]).any():
                 continue  # a layer with no image sink is not edited
-            last_image = int(image[b].nonzero().max())
+            last_image = int(self.image[b].nonzero().max())
             nonsink_image = image[b] & ~sinks[b]
             for i, pos in enumerate(positions):
                 if pos <= last_image:

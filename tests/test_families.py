@@ -87,3 +87,61 @@ def test_paint_explains_why_not(next_model):
     model, _ = next_model
     with pytest.raises(ConfigError, match="tiles"):
         apply_mitigation(model, "paint")
+
+
+@pytest.fixture(scope="module")
+def sliding_model():
+    """LLaVA with a Mistral language model whose sliding window (12) is shorter than the prompts: at
+    decode the cache keeps only the latest 12 keys, so key index and position differ."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    from mitigate.builtin.tiny_llava import build_config, build_processor, finish
+
+    base = build_config()
+    text = MistralConfig(
+        vocab_size=base.text_config.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=12, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )  # fmt: skip
+    config = LlavaConfig(
+        text_config=text, vision_config=base.vision_config, image_token_id=base.image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=0,
+    )  # fmt: skip
+    return finish(LlavaForConditionalGeneration, config, "sliding-llava", 0, 0.15), build_processor()
+
+
+@pytest.mark.parametrize("kernel", ["reference", "torch"])
+def test_var_with_a_sliding_window_cache(sliding_model, kernel):
+    model, processor = sliding_model
+    batch = kit.batch(processor, [kit.PROMPTS[0], kit.PROMPTS[1]], [kit.image(1), kit.image(2)])
+    params = {"sink_dims": "auto", "tau": 2.0, "moved_fraction": 0.6, "min_nonsink_ratio": 0.3,
+              "min_image_mass": 0.05, "layers": [1, 2, 3]}  # fmt: skip
+    vanilla = kit.greedy_trace(model, batch)
+    with VAROracle(model, model.config.image_token_id, **params):
+        expected = kit.greedy_trace(model, batch)
+    with mitigated(model, "var", kernel=kernel, **params):
+        got = kit.greedy_trace(model, batch)
+    valid = batch["attention_mask"].bool()
+    assert kit.max_diff(expected, vanilla, valid) > 1e-3
+    assert kit.max_diff(got, expected, valid) <= 1e-4
+
+
+@pytest.mark.parametrize("spec", ["pai", "vaf", "gift", "vhr"])
+def test_sliding_window_generate_batched_equals_single(sliding_model, spec):
+    model, processor = sliding_model
+    batch = kit.batch(
+        processor, [kit.PROMPTS[0], kit.PROMPTS[2], kit.PROMPTS[1]], [kit.image(1), None, kit.image(2)]
+    )
+    settings = {
+        "max_new_tokens": 6,
+        "do_sample": False,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+    }
+    with mitigated(model, spec, processor=processor):
+        batched = model.generate(**batch, **settings)
+        singles = [model.generate(**kit.row_inputs(batch, r, processor), **settings) for r in range(3)]
+    for r, one in enumerate(singles):
+        assert torch.equal(batched.sequences[r, -6:], one.sequences[0, -6:])
+        for step_b, step_1 in zip(batched.logits, one.logits, strict=True):
+            assert (step_b[r] - step_1[0]).abs().max() <= 1e-4

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from ..errors import ConfigError
 from ..kernels.edit import Op
 from ..patches.adapters import ModelInfo
-from ..patches.layout import TokenLayout
+from ..patches.layout import KeyBuffer, TokenLayout
 from ..stats import Stats
 
 
@@ -59,6 +59,7 @@ class AttentionCall:
     prefill: bool
     stats: Stats | None = None
     past: int = 0  # keys cached before this call (host-side)
+    key_offset: int = 0  # position of the first key: > 0 when a sliding-window cache dropped older keys
 
     @property
     def batch_size(self) -> int:
@@ -67,6 +68,14 @@ class AttentionCall:
     @property
     def device(self) -> torch.device:
         return self.positions.device
+
+    def keys(self, buffer: KeyBuffer) -> torch.Tensor:
+        """A per-key prompt tensor over this call's keys (whatever the cache kept)."""
+        return buffer.get(self.num_keys, self.key_offset)
+
+    def layout_keys(self, name: str) -> torch.Tensor:
+        """A layout mask (``image``, ``prefix``, ``query``) over this call's keys."""
+        return self.layout.keys(name, self.num_keys, self.key_offset)
 
     @property
     def num_rows(self) -> int:

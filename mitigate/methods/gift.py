@@ -224,9 +224,9 @@ class GIFT(Method):
                 state["weights"] = KeyBuffer(weights, fill=1.0)
                 state["enhanced"] = enhanced
                 state["rows"] = {}
-            weights = state["weights"].get(call.num_keys)
-            image = call.layout.keys("image", call.num_keys)
-            query = state["query"].get(call.num_keys)
+            weights = call.keys(state["weights"])
+            image = call.layout_keys("image")
+            query = call.keys(state["query"])
             fraction = self.config.head_fraction
 
             def fn(p: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

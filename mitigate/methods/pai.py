@@ -39,7 +39,7 @@ class PAI(Method):
 
     def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
         rows = call.last_row(call.layout.has_image)
-        return [LogitEdit(rows=rows, abs=state["abs"].get(call.num_keys), span=call.last_row_span())]
+        return [LogitEdit(rows=rows, abs=call.keys(state["abs"]), span=call.last_row_span())]
 
     def contrast(self) -> tuple[float, float | None] | None:
         """``(gamma, cutoff)`` when the image-free contrast is on."""

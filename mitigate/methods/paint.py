@@ -112,4 +112,4 @@ class PAINT(Method):
         if state["abs"] is None:
             return []
         rows = call.last_row(call.layout.has_image)
-        return [LogitEdit(rows=rows, abs=state["abs"].get(call.num_keys), span=call.last_row_span())]
+        return [LogitEdit(rows=rows, abs=call.keys(state["abs"]), span=call.last_row_span())]

@@ -48,4 +48,4 @@ class VAF(Method):
             rows, span = layout.has_image[:, None].expand(-1, call.num_rows), (0, call.num_rows)
         else:
             rows, span = layout.rows_after_image(call.positions), call.after_image_span()
-        return [LogitEdit(rows=rows, scale=state["scale"].get(call.num_keys), span=span)]
+        return [LogitEdit(rows=rows, scale=call.keys(state["scale"]), span=span)]

@@ -121,7 +121,7 @@ class VAR(Method):
                 state["active"] = dict(zip(layers, flags, strict=True))
             if not state["active"][layer]:
                 return []
-        groups = state["groups"][layer].get(call.num_keys)
+        groups = call.keys(state["groups"][layer])
         if not call.prefill and call.positions.shape[0] == 1:
             rows = state["decode_rows"][layer]
         else:

@@ -21,11 +21,14 @@ class KeyBuffer:
         self.fill = fill
         self._buffer = torch.nn.functional.pad(prompt, (0, extra), value=fill)
 
-    def get(self, num_keys: int) -> torch.Tensor:
-        if num_keys > self._buffer.shape[-1]:
-            grow = max(num_keys, 2 * self._buffer.shape[-1]) - self._buffer.shape[-1]
+    def get(self, num_keys: int, offset: int = 0) -> torch.Tensor:
+        """Values for the keys at positions ``offset .. offset + num_keys - 1`` (a sliding-window cache
+        keeps only the latest keys: ``offset`` is how many earlier positions it dropped)."""
+        end = offset + num_keys
+        if end > self._buffer.shape[-1]:
+            grow = max(end, 2 * self._buffer.shape[-1]) - self._buffer.shape[-1]
             self._buffer = torch.nn.functional.pad(self._buffer, (0, grow), value=self.fill)
-        return self._buffer[..., :num_keys]
+        return self._buffer[..., offset:end]
 
 
 @dataclass
@@ -52,11 +55,11 @@ class TokenLayout:
     def has_image(self) -> torch.Tensor:
         return self.last_image >= 0
 
-    def keys(self, name: str, num_keys: int) -> torch.Tensor:
-        """Mask ``name`` over ``num_keys`` key positions; keys past the prompt (generated) are False."""
+    def keys(self, name: str, num_keys: int, offset: int = 0) -> torch.Tensor:
+        """Mask ``name`` over ``num_keys`` keys from position ``offset``; generated keys are False."""
         if name not in self._buffers:
             self._buffers[name] = KeyBuffer(getattr(self, name), fill=False)
-        return self._buffers[name].get(num_keys)
+        return self._buffers[name].get(num_keys, offset)
 
     @staticmethod
     def keys_of(mask: torch.Tensor, num_keys: int) -> torch.Tensor:
