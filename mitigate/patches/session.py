@@ -295,6 +295,7 @@ class Session:
             prefill=self.prefill,
             stats=self.stats,
             past=self.past,
+            key_offset=max(0, self.past + query.shape[2] - key.shape[2]),
         )
         per_method = [
             (m, m.edit(call, s))
