@@ -8,8 +8,8 @@ attention and mask functions with transformers, switches only the language model
 * pre-hooks on the decoder layers whose input hidden state a method needs at prefill;
 * when a method reads the vision tower (PAINT), the tower's attention is routed here too, and the CLS
   query's probabilities are computed for the layers it asks for (one row, never the full map);
-* when a method needs a probe (VHR), a pre-hook on the language model runs one extra prefill, on the
-  prompt rows and their image-free twins as one batch, before the real prefill.
+* when a method needs a probe (VHR), the base model's pre-hook runs one extra prefill, on the prompt
+  rows and their image-free twins as one batch, before the real prefill.
 
 ``uninstall`` undoes all of it, so the model is exactly as before. Attention modules map to their session
 in a weak dictionary, so several models can be mitigated at once and nothing outlives ``uninstall``.
@@ -33,6 +33,7 @@ from ..stats import Stats
 from .adapters import Adapter
 from .contrast import Contrast
 from .layout import TokenLayout, build_layout
+from .twins import double_batch
 
 ATTENTION_NAME = "mitigate"
 
@@ -123,9 +124,6 @@ class Session:
         if contrasts:
             gamma, cutoff = contrasts[0]
             self.contrast = Contrast(self.model, self.adapter, gamma, cutoff)
-        if self._probe:
-            language = self.adapter.language_model()
-            self._handles.append(language.register_forward_pre_hook(self._before_language, with_kwargs=True))
 
     def uninstall(self) -> None:
         for handle in self._handles:
@@ -162,7 +160,7 @@ class Session:
 
     # -- hooks ------------------------------------------------------------------------------
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.enabled:  # a disabled block leaves the generation's state as it was
+        if not self.enabled or self.probing:  # a disabled block leaves the generation's state as it was
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -182,6 +180,8 @@ class Session:
             )
             for method, state in zip(self.methods, self.state, strict=True):
                 method.reset(state, self.layout)
+            if self._probe:
+                self.probe(module, args, kwargs)
 
     def _layer_hook(self, layer_idx: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -194,39 +194,33 @@ class Session:
 
         return hook
 
-    def _before_language(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """At prefill, run the probe pass first (see :meth:`probe`)."""
-        if self.probing or not (self.enabled and self.prefill) or self.layout is None:
-            return
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            raise RuntimeError("mitigate: the probe pass needs the language model's inputs_embeds")
-        self.probe(module, embeds)
-
     @torch.no_grad()
-    def probe(self, language: nn.Module, embeds: torch.Tensor) -> None:
-        """One extra prefill over ``2B`` rows: the prompt rows, then the same rows without their image
-        tokens, each left-padded to the prompt's length; methods see every layer's head outputs."""
+    def probe(self, base: nn.Module, args: tuple, kwargs: dict) -> None:
+        """One extra prefill of the multimodal model over ``2B`` rows: the prompt rows, then the same rows
+        without their image tokens (:mod:`.twins`); methods see every layer's head outputs. Going
+        through the family's own forward keeps its masks (bidirectional image blocks, windows) right."""
         layout = self.layout
-        bsz, length = layout.valid.shape
-        keep = layout.valid & ~layout.image
-        twins = torch.zeros_like(embeds)
-        twin_mask = torch.zeros_like(layout.valid)
-        for row in range(bsz):  # rows differ in length; prefill runs once per prompt batch
-            kept = keep[row].nonzero().squeeze(1)
-            if kept.numel():
-                twins[row, length - kept.numel() :] = embeds[row, kept]
-                twin_mask[row, length - kept.numel() :] = True
-        mask = torch.cat([layout.valid, twin_mask]).long()
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        call = dict(kwargs)
+        if args:
+            call["input_ids"] = args[0]
+        if call.get("input_ids") is None:
+            raise RuntimeError("mitigate: the probe pass needs input_ids")
+        for name in ("cache", "past_key_values", "logits_to_keep", "use_cache"):
+            call.pop(name, None)
+        mask = call.get("attention_mask")
+        mask = layout.valid.long() if mask is None or mask.dim() != 2 else mask
+        call["attention_mask"] = mask
+        if call.get("position_ids") is None:
+            call["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        pad = (
+            getattr(self.model.generation_config, "pad_token_id", None)
+            if hasattr(self.model, "generation_config")
+            else None
+        )
+        doubled, _ = double_batch(call, layout.image, mask, 0 if pad is None else int(pad))
         self.probing = True
         try:
-            language(
-                inputs_embeds=torch.cat([embeds, twins]),
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=False,
-            )
+            base(**doubled, use_cache=False)
         finally:
             self.probing = False
 
@@ -244,7 +238,7 @@ class Session:
     ) -> tuple[torch.Tensor, None]:
         """Plain attention for the vision tower, plus the CLS row's probabilities where a method asks."""
         layer = self.vision_index[module]
-        if self.enabled and layer in self._vision:
+        if self.enabled and not self.probing and layer in self._vision:
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             logits = scale * (query[:, :, :1].float() @ key.float().transpose(-1, -2))
             if attention_mask is not None:
