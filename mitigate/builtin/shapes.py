@@ -2,15 +2,16 @@
 
 Written like ``builtin:sample`` (``annotations/instances_val2014.json``, ``captions_val2014.json``,
 ``val2014/COCO_val2014_*.jpg``) into ``$MITIGATE_CACHE/toy_shapes_v<VERSION>`` (default
-``~/.cache/mitigate``), once, atomically, from a seed that differs from every training seed's stream.
-POPE and CHAIR read it through the code that reads real COCO, so the splits come out of POPE's own
-builder: the adversarial split asks, for each positive, about the object that co-occurs with it most.
+``~/.cache/mitigate``), once, atomically, from a seed whose scene stream no training run uses. POPE and
+CHAIR read it through the code that reads real COCO, so the splits come out of POPE's own builder: the
+adversarial split asks, for each positive, about the object that co-occurs with it most.
 
-The scenes come from the training world, with one deliberate difference in the mix: in half of the images
-with three or more objects an anchor appears without its partner (in the world that happens in about 8%
-of the scenes with the anchor). That gives the adversarial split enough questions about an absent partner
-to measure hallucination, while the partner stays its anchor's most frequent companion in the set, so
-POPE's adversarial ranking still picks it. The other images are plain draws from the world.
+The scenes are drawn from the training world, conditioned on their make-up: the 150 POPE images (3-4
+objects) each hold a pair member without its mate (half of them one such lone member and a complete pair,
+half two lone members); 50 more plain scenes of 1-2 objects widen CHAIR. In the world a pair is incomplete
+in about 12% of the scenes that hold a member; here every POPE image has one, so that the adversarial split
+asks about an absent mate often (about 45% of its questions on absent objects, 15% in the random split),
+while each member's mate stays its most frequent companion in the set, as POPE's ranking needs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from . import toy_world
 from .coco_sample import cache_root
 
-VERSION = 1
+VERSION = 2
 SPLIT = "val2014"
 SEED = 2014  # the training stream is seeded with "toy-train:<seed>", so no scene is shared
 NUM_IMAGES = 200  # 150 with >= 3 objects (POPE: 900 questions per split), 50 with 1 or 2
@@ -116,7 +117,7 @@ def generate(root: Path, seed: int = SEED) -> None:
                     "area": float((x1 - x0) * (y1 - y0)),
                     "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                     "iscrowd": 0,
-                    "faint": obj.faint,  # not a COCO field; readers ignore it
+                    "hidden": obj.hidden,  # not a COCO field (behind its pair mate); readers ignore it
                 }
             )
         captions.append(

@@ -51,8 +51,12 @@ IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {word: i for i, word in enumerate(VOCAB)}
+def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``words`` (default: this model's vocabulary; must start with SPECIALS)."""
+    words = VOCAB if words is None else words
+    if words[: len(SPECIALS)] != SPECIALS:
+        raise ValueError(f"a built-in vocabulary starts with {SPECIALS}")
+    vocab = {word: i for i, word in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -74,14 +78,16 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_processor() -> LlavaProcessor:
+def build_processor(
+    image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE, words: list[str] | None = None
+) -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
-        patch_size=PATCH_SIZE,
+        tokenizer=build_tokenizer(words),
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,

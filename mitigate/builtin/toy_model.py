@@ -14,7 +14,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoProcessor,
     CLIPVisionConfig,
@@ -22,17 +21,14 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from . import toy_world
-from .tiny_llava import CHAT_TEMPLATE
+from . import tiny_llava, toy_world
 
 NAME = "builtin:toy-llava"
 FOLDER = "toy_llava"  # inside the mitigate.builtin package
-IMAGE_TOKEN = "<image>"
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
+IMAGE_TOKEN = tiny_llava.IMAGE_TOKEN
+SPECIALS = tiny_llava.SPECIALS
 PAD, UNK, BOS, EOS, IMAGE_ID = range(len(SPECIALS))
 # Every word of the prompts and answers the model is trained on, then a few common ones it never sees
 # in training (they map to their own untrained rows rather than to <unk>).
@@ -49,38 +45,9 @@ PATCH_SIZE = 8
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # CLS dropped ("default" feature selection)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {word: i for i, word in enumerate(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    fast.padding_side = "left"
-    return fast
-
-
 def build_processor() -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=build_tokenizer(),
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
+    """LLaVA's processor with the toy vocabulary (the word-level tokenizer of :mod:`.tiny_llava`)."""
+    return tiny_llava.build_processor(IMAGE_SIZE, PATCH_SIZE, VOCAB)
 
 
 def build_config(

@@ -2,10 +2,11 @@
 
 Each 64 px scene holds 1 to 4 objects of 14 kinds, named and numbered as COCO classes so that POPE and
 CHAIR read them unchanged. Each kind has its own colour and icon. Five pairs co-occur strongly (the pair is
-complete in about 88% of the scenes that hold either member), and the second member of a pair (the
-*partner*) is often drawn small and faint. So a model trained on this world learns a language prior ("a
-car comes with a bicycle") that competes with weak visual evidence: asked about an absent partner next to
-its anchor, it tends to say yes, which POPE's adversarial split measures.
+complete in about 88% of the scenes that hold either member), and in half of the complete pairs one member
+hides behind the other: smaller, faded, only a sliver showing. Captions and annotations still name it. So
+a model trained on this world learns a prior ("a car comes with a bicycle") that competes with weak visual
+evidence: asked about an absent member next to its mate, it tends to say yes, which POPE's adversarial
+split measures, and its captions tend to name it, which CHAIR measures.
 
 Everything is drawn from a ``random.Random``, so a seed gives the same scenes on every machine.
 """
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 SIZE = 64
 CELL = SIZE // 2  # one object per quadrant
 BACKGROUND = (232, 232, 224)
-NOISE_STD = 5.0  # pixel noise, so that faint objects are not found by an exact colour match
+NOISE_STD = 5.0  # pixel noise, so that faded slivers are not found by an exact colour match
 JPEG_QUALITY = 92  # the dataset stores JPEGs (COCO's format); training sees the same compression
 
 
@@ -54,7 +55,7 @@ KINDS = [
 BY_NAME = {k.name: k for k in KINDS}
 NAMES = [k.name for k in KINDS]  # also the order in which captions list objects (partner after anchor)
 
-# (anchor, partner): the partner follows its anchor in captions. Members of pairs are often drawn faint.
+# (anchor, partner): the partner follows its anchor in captions. In a complete pair one member often hides.
 PAIRS = [("car", "bicycle"), ("boat", "bird"), ("cup", "bottle"), ("chair", "clock"), ("kite", "umbrella")]
 PARTNER = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
 ANCHORS = [a for a, _ in PAIRS]
@@ -69,17 +70,18 @@ class WorldConfig:
     object_counts: tuple[float, float, float, float] = (0.1, 0.2, 0.35, 0.35)  # P(1..4 objects)
     pair_unit: float = 0.6  # a scene unit is a pair (else a single kind)
     pair_complete: float = 0.88  # a pair unit holds both members (else one member alone, either one)
-    faint: float = 0.4  # a pair member is drawn small and faint (single kinds never are)
-    size: tuple[int, int] = (16, 26)  # side of a normal object, px
-    faint_size: tuple[int, int] = (9, 13)
-    faint_contrast: tuple[float, float] = (0.25, 0.45)  # share of the colour left after fading
+    hide: float = 0.5  # in a complete pair, one member (either) hides behind the other
+    size: tuple[int, int] = (16, 26)  # side of a visible object, px
+    hidden_scale: tuple[float, float] = (0.55, 0.75)  # side of a hidden member, relative to its mate's
+    hidden_peek: tuple[int, int] = (2, 5)  # px by which a hidden member shows past its mate's edges
+    hidden_contrast: tuple[float, float] = (0.25, 0.5)  # share of its colour left (it is in shadow)
 
 
 @dataclass(frozen=True)
 class Placed:
     name: str
     box: tuple[int, int, int, int]  # x0, y0, x1, y1
-    faint: bool
+    hidden: bool = False  # behind its pair mate: small, faded, mostly covered
 
 
 @dataclass(frozen=True)
@@ -112,18 +114,35 @@ def sample_names(rng: random.Random, world: WorldConfig, *, lone: tuple[str, ...
 
 
 def place(names: list[str], rng: random.Random, world: WorldConfig) -> tuple[Placed, ...]:
-    """One object per quadrant, at a random offset; pair members are faint with ``world.faint``."""
-    cells = rng.sample(range(4), len(names))
-    placed = []
-    for name, cell in zip(names, cells, strict=True):
-        faint = name in PARTNER and rng.random() < world.faint
-        side = rng.randint(*(world.faint_size if faint else world.size))
+    """Visible objects one per quadrant at a random offset; in a complete pair, with ``world.hide``, one
+    member sits behind the other and shows only a sliver (weak visual evidence)."""
+    hidden = {rng.choice(pair) for pair in complete_pairs(names) if rng.random() < world.hide}
+    visible = [n for n in names if n not in hidden]
+    boxes: dict[str, tuple[int, int, int, int]] = {}
+    for name, cell in zip(visible, rng.sample(range(4), len(visible)), strict=True):
+        side = rng.randint(*world.size)
         x0 = (cell % 2) * CELL + rng.randint(0, CELL - side)
         y0 = (cell // 2) * CELL + rng.randint(0, CELL - side)
-        placed.append(Placed(name, (x0, y0, x0 + side, y0 + side), faint))
-    order = list(range(len(placed)))
-    rng.shuffle(order)  # annotation order, independent of the quadrant
-    return tuple(placed[i] for i in order)
+        boxes[name] = (x0, y0, x0 + side, y0 + side)
+    for name in sorted(hidden, key=names.index):
+        mx0, my0, mx1, my1 = boxes[PARTNER[name]]
+        side = max(5, round((mx1 - mx0) * rng.uniform(*world.hidden_scale)))
+        corner = rng.randrange(4)  # the corner of the mate it peeks out at
+        x0 = (
+            mx1 + rng.randint(*world.hidden_peek) - side
+            if corner % 2
+            else mx0 - rng.randint(*world.hidden_peek)
+        )
+        y0 = (
+            my1 + rng.randint(*world.hidden_peek) - side
+            if corner // 2
+            else my0 - rng.randint(*world.hidden_peek)
+        )
+        x0, y0 = min(max(x0, 0), SIZE - side), min(max(y0, 0), SIZE - side)
+        boxes[name] = (x0, y0, x0 + side, y0 + side)
+    placed = [Placed(n, boxes[n], n in hidden) for n in names]
+    rng.shuffle(placed)  # annotation order, independent of the layout
+    return tuple(placed)
 
 
 def sample_scene(
@@ -141,12 +160,13 @@ def _blend(color: tuple[int, int, int], background: tuple[int, ...], contrast: f
 
 
 def render(scene: Scene, world: WorldConfig = WorldConfig()) -> Image.Image:
-    """The scene as an RGB image (noise and faint contrast drawn from the scene's own seed)."""
+    """The scene as an RGB image (noise and the hidden objects' contrast drawn from the scene's seed)."""
     rng = random.Random(scene.noise_seed)
     image = Image.new("RGB", (SIZE, SIZE), scene.background)
     draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
-        contrast = rng.uniform(*world.faint_contrast) if obj.faint else 1.0
+    # Hidden objects first, so that their mates cover them.
+    for obj in sorted(scene.objects, key=lambda o: not o.hidden):
+        contrast = rng.uniform(*world.hidden_contrast) if obj.hidden else 1.0
         fill = _blend(BY_NAME[obj.name].color, scene.background, contrast)
         dark = _blend((30, 30, 30), scene.background, contrast)
         light = _blend((250, 250, 250), scene.background, contrast)
