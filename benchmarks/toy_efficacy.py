@@ -7,8 +7,8 @@ strength parameter. Each setting runs POPE (3 splits, 900 questions each) and CH
 bootstrap over the same questions / images. Writes ``toy_efficacy.json``, ``.md`` and ``.png``.
 
 This is toy-world evidence: a 3.4M-parameter model trained on synthetic scenes where hallucination comes
-from one known cause (co-occurrence priors over partly hidden objects). A method that helps here may not help a real
-VLM and the reverse; the table says what each method does in this world, whatever that is.
+from one known cause (co-occurrence priors over partly hidden objects). A method that helps here may not
+help a real VLM and the reverse; the table says what each method does in this world, whatever that is.
 
     python benchmarks/toy_efficacy.py                      # everything (tens of minutes on 2 CPU cores)
     python benchmarks/toy_efficacy.py --methods var --limit 60   # a quick look
@@ -21,7 +21,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -82,7 +82,7 @@ class PopeFalseYes:
     """POPE false-yes rates per split, overall and on absent partners of a present pair member, as a task
     for :func:`paired_bootstrap` (stats: fp, tn, fp on partners, tn on partners)."""
 
-    objects: dict[str, set[str]] = {}  # image file -> objects, set before use
+    objects: ClassVar[dict[str, set[str]]] = {}  # image file -> objects, set before use
 
     @classmethod
     def stats(cls, record: dict[str, Any]) -> tuple[str, np.ndarray]:
@@ -126,10 +126,7 @@ def settings(methods: list[str]) -> list[dict[str, Any]]:
 def run_one(task_name: str, setting: dict[str, Any], args, data) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._=-]+", "-", setting["label"]).strip("-")
     out = args.runs / f"{task_name}-{slug}"
-    if task_name == "pope":
-        task = PopeTask(data, limit=args.limit)
-    else:
-        task = ChairTask(data, limit=args.limit)
+    task = (PopeTask if task_name == "pope" else ChairTask)(data, limit=args.limit)
     cfg = RunConfig(
         model=args.model,
         method=setting["method"],
@@ -211,7 +208,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Change against vanilla (paired)",
         "",
-        "Points; **bold** where the interval excludes 0 (better or worse). For FYR and CHAIR lower is better.",
+        "Points; **bold** where the interval excludes 0 (better or worse). "
+        "For FYR and CHAIR lower is better.",
         "",
         "| setting | " + " | ".join(h for _, h in COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),
@@ -271,7 +269,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="*", help="default: every method registered now")
-    parser.add_argument("--model", default=MODEL, help="a model folder trained by toy_train (default: shipped)")
+    parser.add_argument("--model", default=MODEL, help="a folder written by toy_train (default: shipped)")
     parser.add_argument("--runs", type=Path, default=Path("runs/toy_efficacy"), help="run folders (cache)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where toy_efficacy.* go")
     parser.add_argument("--limit", type=int, default=None, help="first N samples per split (quick look)")
@@ -301,9 +299,9 @@ def main() -> None:
             "model": args.model,
             "data": DATA,
             "note": (
-                "Toy-world evidence only: a small LLaVA trained by this project on synthetic scenes in which "
-                "hallucination has one known cause (co-occurrence priors over partly hidden objects). It shows "
-                "what each method does to that failure, not how it does on real VLMs."
+                "Toy-world evidence only: a small LLaVA trained by this project on synthetic scenes in "
+                "which hallucination has one known cause (co-occurrence priors over partly hidden objects). "
+                "It shows what each method does to that failure, not how it does on real VLMs."
             ),
             "methods_available": available,
             "missing": [m for m in missing if args.methods is None],
