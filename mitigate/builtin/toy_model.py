@@ -103,6 +103,7 @@ def new_model(seed: int = 0, **sizes: int) -> LlavaForConditionalGeneration:
 def finish(model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
     """Name and generation settings every copy of the model carries (presets are picked by the name)."""
     model.config._name_or_path = NAME
+    model.name_or_path = NAME  # from_pretrained sets the folder here; presets are matched on this name
     model.generation_config.pad_token_id = PAD
     model.generation_config.bos_token_id = BOS
     model.generation_config.eos_token_id = EOS
