@@ -6,7 +6,7 @@ strength parameter. Each setting runs POPE (3 splits, 900 questions each) and CH
 ``mitigate.evals.evaluate`` (cached and resumable in ``--runs``), and is compared with vanilla by a paired
 bootstrap over the same questions / images. Writes ``toy_efficacy.json``, ``.md`` and ``.png``.
 
-This is toy-world evidence: a 3.4M-parameter model trained on synthetic scenes where hallucination comes
+This is toy-world evidence: a 1.8M-parameter model trained on synthetic scenes where hallucination comes
 from one known cause (co-occurrence priors over partly hidden objects). A method that helps here may not
 help a real VLM and the reverse; the table says what each method does in this world, whatever that is.
 

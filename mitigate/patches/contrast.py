@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
+from .twins import NOT_ALIGNED, double_batch
 
 
 def contrast_scores(
@@ -71,11 +72,13 @@ class Contrast:
         if mask is None:  # generate drops the mask of unpadded batches
             mask = torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.long, device=ids.device)
         bsz = ids.shape[0]
+        kwargs["attention_mask"] = mask
         if past == 0:
-            twins, twin_mask = self._image_free(ids, mask)
+            pad = self.model.generation_config.pad_token_id
+            image = self.adapter.image_mask(ids, None)
+            kwargs, twin_mask = double_batch(kwargs, image, mask, 0 if pad is None else int(pad))
             self.twin_mask = twin_mask
             self.shift = mask.sum(-1) - twin_mask.sum(-1)
-            new_ids, new_mask = torch.cat([ids, twins]), torch.cat([mask, twin_mask])
         else:
             if self.twin_mask is None or self.twin_mask.shape[0] != bsz:
                 return None
@@ -83,32 +86,19 @@ class Contrast:
             twin_mask = (
                 torch.cat([self.twin_mask, mask[:, self.twin_mask.shape[1] :]], dim=1) if grown > 0 else mask
             )
-            new_ids, new_mask = torch.cat([ids, ids]), torch.cat([mask, twin_mask])
-        kwargs["input_ids"] = new_ids
-        kwargs["attention_mask"] = new_mask
-        positions = kwargs.get("position_ids")
-        if positions is not None:
-            twin_positions = (positions - self.shift[:, None]).clamp_min(0)
-            if past == 0:
-                twin_positions = (new_mask[bsz:].long().cumsum(-1) - 1).clamp_min(0)
-            kwargs["position_ids"] = torch.cat([positions, twin_positions])
+            doubled = {
+                key: torch.cat([value, value])  # the new tokens are the same in both halves
+                for key, value in kwargs.items()
+                if key not in NOT_ALIGNED and torch.is_tensor(value) and value.shape == ids.shape
+            }
+            kwargs.update(doubled, input_ids=torch.cat([ids, ids]))
+            kwargs["attention_mask"] = torch.cat([mask, twin_mask])
+            positions = kwargs.get("position_ids")
+            if positions is not None:
+                twins = (positions - self.shift[:, None]).clamp_min(0)
+                kwargs["position_ids"] = torch.cat([positions, twins])
         self.rows = bsz
         return args, kwargs
-
-    def _image_free(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each prompt without its image tokens, left-padded to the prompt length."""
-        image = self.adapter.image_mask(ids, None)
-        pad = self.model.generation_config.pad_token_id
-        pad = 0 if pad is None else int(pad)
-        twins = torch.full_like(ids, pad)
-        twin_mask = torch.zeros_like(mask)
-        keep = mask.bool() & ~image
-        length = ids.shape[1]
-        for row in range(ids.shape[0]):  # prompts differ in length; once per prefill
-            kept = ids[row, keep[row]]
-            twins[row, length - kept.numel() :] = kept
-            twin_mask[row, length - kept.numel() :] = 1
-        return twins, twin_mask
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         bsz, self.rows = self.rows, 0
