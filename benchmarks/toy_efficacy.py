@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import re
 import time
 from pathlib import Path
@@ -279,6 +281,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    import transformers
 
     torch.set_num_threads(2)
     available = list_methods()
@@ -309,7 +312,15 @@ def main() -> None:
             "resamples": args.resamples,
             "limit": args.limit,
             "chair_max_new_tokens": args.max_new_tokens,
-            "seconds": round(time.time() - started, 1),
+            # cached settings are not rerun, so this is the time of this invocation only
+            "seconds_this_invocation": round(time.time() - started, 1),
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
         }
     )
     args.out.mkdir(parents=True, exist_ok=True)

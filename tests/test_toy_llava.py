@@ -7,9 +7,9 @@ from contextlib import ExitStack
 import pytest
 import torch
 
+from mitigate import mitigated
 from mitigate.builtin import toy_model, toy_world
 from mitigate.evals.pope import PROMPT_SUFFIX
-from mitigate import mitigated
 from mitigate.loading import chat_prompt, load_model
 
 

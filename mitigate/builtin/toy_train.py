@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes=args.sizes,
         world=world,
     )
+
     def checkpoint(step: int, model: Any, processor: Any) -> None:
         if args.save_every and step % args.save_every == 0 and step < cfg.steps:
             model.save_pretrained(args.out / f"step-{step}")
