@@ -7,7 +7,7 @@ from PIL import Image
 from .images import sample_image, shapes_image
 
 PREFIX = "builtin:"
-MODELS = ("tiny-llava", "toy-llava")
+MODELS = ("tiny-llava", "tiny-llava-next", "tiny-gemma3", "toy-llava")
 IMAGES = ("sample",)
 
 
@@ -22,6 +22,14 @@ def load_model(spec: str, dtype=None):
         from . import tiny_llava
 
         return tiny_llava.load(dtype=dtype)
+    if name == "tiny-llava-next":
+        from . import tiny_llava_next
+
+        return tiny_llava_next.load(dtype=dtype)
+    if name == "tiny-gemma3":
+        from . import tiny_gemma3
+
+        return tiny_gemma3.load(dtype=dtype)
     if name == "toy-llava":  # trained on the toy world (mitigate.builtin.toy_train), shipped as package data
         from . import toy_model
 

@@ -51,8 +51,11 @@ IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
 
-def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``words`` (default: this model's vocabulary; must start with SPECIALS)."""
+def build_tokenizer(
+    words: list[str] | None = None, extra_special_tokens: dict[str, str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``words`` (default: this model's vocabulary; must start with SPECIALS).
+    ``extra_special_tokens`` name more special tokens (a processor's ``boi_token``...), besides the image."""
     words = VOCAB if words is None else words
     if words[: len(SPECIALS)] != SPECIALS:
         raise ValueError(f"a built-in vocabulary starts with {SPECIALS}")
@@ -72,7 +75,7 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN, **(extra_special_tokens or {})},
     )
     fast.padding_side = "left"
     return fast

@@ -174,7 +174,26 @@ class LlavaNextAdapter(LlavaAdapter):
         return {**super()._vision_info(), "flat_image_features": False}
 
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter]
+class Gemma3Adapter(LlavaAdapter):
+    """Gemma 3 (``Gemma3ForConditionalGeneration``): a SigLIP tower (no CLS) whose patch features are
+    pooled into ``mm_tokens_per_image`` tokens between begin/end-of-image markers; image blocks attend
+    bidirectionally and most layers are sliding-window. The family's own mask builder keeps both, since
+    the registered mask function is SDPA's."""
+
+    family = "gemma3"
+    config_classes = ("Gemma3Config",)
+
+    def vision_feature_layer(self) -> int:
+        return len(self._vision_layers()) - 1  # the tower's last layer, then pooling
+
+    def features_drop_cls(self) -> bool:
+        return False
+
+    def _vision_info(self) -> dict:
+        return {**super()._vision_info(), "flat_image_features": False}  # pooled, not one per patch
+
+
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, Gemma3Adapter]
 
 
 def supported_families() -> str:
