@@ -1,12 +1,19 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import kit
+
+# CI runs a fixed set of examples (a red CI must be reproducible); locally, HYPOTHESIS_PROFILE unset,
+# every run explores new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)
