@@ -84,16 +84,50 @@ def max_diff(a: Trace, b: Trace, valid: torch.Tensor | None = None) -> float:
 
 
 def row_inputs(inputs: dict[str, torch.Tensor], row: int, processor) -> dict[str, torch.Tensor]:
-    """Row ``row`` of a left-padded batch on its own, padding stripped (pixel rows picked by image order)."""
+    """Row ``row`` of a left-padded batch on its own, padding stripped: per-token inputs (``[B, T]``, e.g.
+    ``token_type_ids``) cut by the mask, per-image ones (``pixel_values``, ``image_sizes``) picked by image
+    order."""
     mask = inputs["attention_mask"][row].bool()
-    ids = inputs["input_ids"][row][mask][None]
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ids = inputs["input_ids"]
+    out = {
+        key: value[row][mask][None]
+        for key, value in inputs.items()
+        if torch.is_tensor(value) and value.shape == ids.shape and key != "attention_mask"
+    }
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    has_image = (inputs["input_ids"] == image_id).any(dim=1)
+    has_image = (ids == image_id).any(dim=1)
     if has_image[row]:
         index = int(has_image[:row].sum())
-        out["pixel_values"] = inputs["pixel_values"][index : index + 1]
+        for key in ("pixel_values", "image_sizes"):
+            if key in inputs:
+                out[key] = inputs[key][index : index + 1]
     return out
+
+
+GENERATE = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+
+
+def check_batched_equals_single(model, batch, spec, processor, steps: int = 4) -> None:
+    """Mitigated generation on a left-padded batch changes the logits, equals each row generated alone
+    (same tokens, same -inf pattern, logits within 1e-4), and leaves nothing behind when it ends."""
+    from mitigate import mitigated
+
+    settings = {**GENERATE, "max_new_tokens": steps}
+    vanilla = model.generate(**batch, **settings)
+    rows = batch["input_ids"].shape[0]
+    with mitigated(model, spec, processor=processor):
+        batched = model.generate(**batch, **settings)
+        singles = [model.generate(**row_inputs(batch, r, processor), **settings) for r in range(rows)]
+    changed = max((a - b).abs().max() for a, b in zip(batched.logits, vanilla.logits, strict=True))
+    assert changed > 1e-3, f"{spec} did not change the logits"
+    for r, one in enumerate(singles):
+        assert torch.equal(batched.sequences[r, -steps:], one.sequences[0, -steps:])
+        for step_b, step_1 in zip(batched.logits, one.logits, strict=True):
+            finite = torch.isfinite(step_1[0])
+            assert torch.equal(finite, torch.isfinite(step_b[r]))
+            assert (step_b[r][finite] - step_1[0][finite]).abs().max() <= 1e-4
+    assert torch.equal(model.generate(**batch, **settings).sequences, vanilla.sequences)
 
 
 @torch.no_grad()

@@ -2,7 +2,6 @@
 
 import kit
 import pytest
-import torch
 from oracles import VAROracle
 
 from mitigate import ConfigError, apply_mitigation, mitigated
@@ -36,36 +35,7 @@ def test_tiles_give_different_image_lengths(next_model, next_batch):
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_generate_batched_equals_single(next_model, next_batch, spec):
     model, processor = next_model
-    settings = {
-        "max_new_tokens": 4,
-        "do_sample": False,
-        "output_logits": True,
-        "return_dict_in_generate": True,
-    }
-    vanilla = model.generate(**next_batch, **settings)
-    with mitigated(model, spec, processor=processor):
-        batched = model.generate(**next_batch, **settings)
-        singles = [model.generate(**row_inputs(next_batch, r), **settings) for r in range(3)]
-    assert max((a - b).abs().max() for a, b in zip(batched.logits, vanilla.logits, strict=True)) > 1e-3
-    for r, one in enumerate(singles):
-        assert torch.equal(batched.sequences[r, -4:], one.sequences[0, -4:])
-        for step_b, step_1 in zip(batched.logits, one.logits, strict=True):
-            finite = torch.isfinite(step_1[0])
-            assert (step_b[r][finite] - step_1[0][finite]).abs().max() <= 1e-4
-    assert torch.equal(model.generate(**next_batch, **settings).sequences, vanilla.sequences)
-
-
-def row_inputs(batch, row):
-    """One row of a LLaVA-NeXT batch alone: pixel tiles and image size picked by image order."""
-    mask = batch["attention_mask"][row].bool()
-    ids = batch["input_ids"][row][mask][None]
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    has_image = (batch["input_ids"] == IMAGE_ID).any(dim=1)
-    if has_image[row]:
-        index = int(has_image[:row].sum())
-        out["pixel_values"] = batch["pixel_values"][index : index + 1]
-        out["image_sizes"] = batch["image_sizes"][index : index + 1]
-    return out
+    kit.check_batched_equals_single(model, next_batch, spec, processor)
 
 
 @pytest.mark.parametrize("kernel", ["reference", "torch"])
@@ -132,16 +102,4 @@ def test_sliding_window_generate_batched_equals_single(sliding_model, spec):
     batch = kit.batch(
         processor, [kit.PROMPTS[0], kit.PROMPTS[2], kit.PROMPTS[1]], [kit.image(1), None, kit.image(2)]
     )
-    settings = {
-        "max_new_tokens": 6,
-        "do_sample": False,
-        "output_logits": True,
-        "return_dict_in_generate": True,
-    }
-    with mitigated(model, spec, processor=processor):
-        batched = model.generate(**batch, **settings)
-        singles = [model.generate(**kit.row_inputs(batch, r, processor), **settings) for r in range(3)]
-    for r, one in enumerate(singles):
-        assert torch.equal(batched.sequences[r, -6:], one.sequences[0, -6:])
-        for step_b, step_1 in zip(batched.logits, one.logits, strict=True):
-            assert (step_b[r] - step_1[0]).abs().max() <= 1e-4
+    kit.check_batched_equals_single(model, batch, spec, processor, steps=6)

@@ -30,17 +30,6 @@ def gemma_batch(gemma):
     return dict(processor(images=nested, text=texts, return_tensors="pt", padding=True))
 
 
-def row_inputs(batch, row, image_token_id):
-    mask = batch["attention_mask"][row].bool()
-    out = {key: batch[key][row][mask][None] for key in ("input_ids", "token_type_ids")}
-    out["attention_mask"] = torch.ones_like(out["input_ids"])
-    has_image = (batch["input_ids"] == image_token_id).any(dim=1)
-    if has_image[row]:
-        index = int(has_image[:row].sum())
-        out["pixel_values"] = batch["pixel_values"][index : index + 1]
-    return out
-
-
 def test_layout_is_gemmas(gemma, gemma_batch):
     model, _ = gemma
     ids = gemma_batch["input_ids"]
@@ -68,26 +57,7 @@ def test_var_matches_independent_formula(gemma, gemma_batch, kernel):
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_generate_batched_equals_single(gemma, gemma_batch, spec):
     model, processor = gemma
-    settings = {
-        "max_new_tokens": 4,
-        "do_sample": False,
-        "output_logits": True,
-        "return_dict_in_generate": True,
-    }
-    vanilla = model.generate(**gemma_batch, **settings)
-    with mitigated(model, spec, processor=processor):
-        batched = model.generate(**gemma_batch, **settings)
-        singles = [
-            model.generate(**row_inputs(gemma_batch, r, model.config.image_token_id), **settings)
-            for r in range(3)
-        ]
-    assert max((a - b).abs().max() for a, b in zip(batched.logits, vanilla.logits, strict=True)) > 1e-3
-    for r, one in enumerate(singles):
-        assert torch.equal(batched.sequences[r, -4:], one.sequences[0, -4:])
-        for step_b, step_1 in zip(batched.logits, one.logits, strict=True):
-            finite = torch.isfinite(step_1[0])
-            assert (step_b[r][finite] - step_1[0][finite]).abs().max() <= 1e-4
-    assert torch.equal(model.generate(**gemma_batch, **settings).sequences, vanilla.sequences)
+    kit.check_batched_equals_single(model, gemma_batch, spec, processor)
 
 
 def test_paint_explains_why_not(gemma):

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -59,16 +60,23 @@ def ensure_sample(root: Path | None = None, seed: int = 0) -> Path:
     """The dataset's root folder, generated on first use (safe when several processes race)."""
     suffix = "" if seed == 0 else f"_seed{seed}"
     target = (root or cache_root()) / f"coco_sample_v{VERSION}{suffix}"
-    if (target / "annotations" / f"captions_{SPLIT}.json").is_file():
+    return ensure_generated(target, lambda tmp: generate(tmp, seed=seed))
+
+
+def ensure_generated(target: Path, write: Callable[[Path], None]) -> Path:
+    """``target``, written once by ``write(empty folder)`` into a temporary sibling and renamed into place,
+    so a reader never sees half a dataset and racing processes agree. The captions file marks it done."""
+    done = target / "annotations" / f"captions_{SPLIT}.json"
+    if done.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        generate(tmp, seed=seed)
+        write(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: its copy is identical
-            if not (target / "annotations" / f"captions_{SPLIT}.json").is_file():
+            if not done.is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

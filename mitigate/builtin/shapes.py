@@ -17,14 +17,11 @@ while each member's mate stays its most frequent companion in the set, as POPE's
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from . import toy_world
-from .coco_sample import cache_root
+from .coco_sample import cache_root, ensure_generated
 
 VERSION = 2
 SPLIT = "val2014"
@@ -37,20 +34,7 @@ def ensure_shapes(root: Path | None = None, seed: int = SEED) -> Path:
     """The dataset's root folder, generated on first use (safe when several processes race)."""
     suffix = "" if seed == SEED else f"_seed{seed}"
     target = (root or cache_root()) / f"toy_shapes_v{VERSION}{suffix}"
-    if (target / "annotations" / f"captions_{SPLIT}.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        generate(tmp, seed=seed)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: its copy is identical
-            if not (target / "annotations" / f"captions_{SPLIT}.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return ensure_generated(target, lambda tmp: generate(tmp, seed=seed))
 
 
 def file_name(image_id: int) -> str:
