@@ -64,6 +64,16 @@ def test_builtin_sample_is_a_deterministic_coco_dataset(tmp_path):
     assert coco_sample.ensure_sample(tmp_path / "a") == root  # made once
 
 
+@pytest.mark.parametrize("model", ["builtin:tiny-llava-next", "builtin:tiny-gemma3"])
+def test_eval_runs_other_families(app, tmp_path, model):
+    """The runner's batches go through each family's processor (Gemma 3's wants one image list per row)."""
+    out = tmp_path / "run"
+    invoke(app, "eval", "pope", "--model", model, "--data", "builtin:sample", "--no-progress",
+           "--limit", 2, "--batch-size", 3, "--method", "vaf", "--out", out)  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_scored"] == 6 and results["n_errors"] == 0
+
+
 def test_eval_pope_end_to_end_and_resume(app, tmp_path):
     out = tmp_path / "run"
     result = invoke(app, "eval", "pope", *MODEL, "--limit", 3, "--batch-size", 4, "--out", out)

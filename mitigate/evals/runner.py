@@ -119,7 +119,9 @@ def generate_all(
 
 @torch.inference_mode()
 def _generate(model, processor, texts, images, generation, device, dtype) -> list[str]:
-    inputs = processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+    # one image list per row: Gemma 3's processor needs it, LLaVA's accept it
+    nested = [[image] for image in images] if images else None
+    inputs = processor(images=nested, text=texts, return_tensors="pt", padding=True)
     inputs = inputs.to(device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
