@@ -130,6 +130,22 @@ def check_batched_equals_single(model, batch, spec, processor, steps: int = 4) -
     assert torch.equal(model.generate(**batch, **settings).sequences, vanilla.sequences)
 
 
+def count_language_forwards(model, inputs, steps: int = 4) -> list[tuple[int, int] | None]:
+    """``(rows, tokens)`` of each language-model forward during a greedy generation of ``steps`` tokens."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        calls.append(tuple(embeds.shape[:2]) if embeds is not None else None)
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    finally:
+        handle.remove()
+    return calls
+
+
 @torch.no_grad()
 def layer_inputs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Hidden states entering each decoder layer at prefill (index i = input of layer i)."""

@@ -122,28 +122,13 @@ def test_gift_without_informative_tokens_is_untouched(tiny):
     assert kit.max_diff(before, after) <= 1e-5
 
 
-def count_language_forwards(model, inputs, steps=4):
-    calls = []
-
-    def hook(module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        calls.append(tuple(embeds.shape[:2]) if embeds is not None else None)
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-    finally:
-        handle.remove()
-    return calls
-
-
 def test_gift_adds_no_forward_pass(tiny, padded):
     model, processor = tiny
-    vanilla = count_language_forwards(model, padded)
+    vanilla = kit.count_language_forwards(model, padded)
     handle = apply_mitigation(model, "gift", kernel="torch", processor=processor, saliency_layers=[1], **GIFT)
     try:
         with handle.recording() as stats:
-            mitigated_calls = count_language_forwards(model, padded)
+            mitigated_calls = kit.count_language_forwards(model, padded)
     finally:
         handle.remove()
     assert stats.summary()["gift"], "the edit must run"

@@ -100,28 +100,13 @@ def test_vhr_heads_are_chosen_again_for_each_prompt(tiny, padded):
     assert kit.max_diff(fresh, after_other) == 0.0
 
 
-def count_language_forwards(model, inputs, steps=4):
-    calls = []
-
-    def hook(module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        calls.append(tuple(embeds.shape[:2]) if embeds is not None else None)
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-    finally:
-        handle.remove()
-    return calls
-
-
 def test_vhr_adds_exactly_one_prefill(tiny, padded):
     model, _ = tiny
     bsz, length = padded["input_ids"].shape
-    vanilla = count_language_forwards(model, padded)
+    vanilla = kit.count_language_forwards(model, padded)
     handle = apply_mitigation(model, "vhr", **VHR)
     try:
-        calls = count_language_forwards(model, padded)
+        calls = kit.count_language_forwards(model, padded)
     finally:
         handle.remove()
     assert len(vanilla) == 4 and vanilla[0] == (bsz, length)

@@ -157,19 +157,19 @@ def generate(root: Path, seed: int = 0) -> None:
         "year": 2014,
     }
     categories = [{"id": i, "name": n, "supercategory": s} for i, n, s, _ in CATEGORIES]
-    _write_json(
-        root / "annotations" / f"instances_{SPLIT}.json",
-        {"info": info, "licenses": [], "images": images, "annotations": instances, "categories": categories},
-    )
-    # Written last: its presence marks a complete dataset.
-    _write_json(
-        root / "annotations" / f"captions_{SPLIT}.json",
-        {"info": info, "licenses": [], "images": images, "annotations": captions},
-    )
+    write_coco(root, info, images, instances, captions, categories)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data))
+def write_coco(
+    root: Path, info: dict, images: list, instances: list, captions: list, categories: list
+) -> None:
+    """COCO's two annotation files under ``root/annotations``; captions last (they mark completion)."""
+    common = {"info": info, "licenses": [], "images": images}
+    (root / "annotations" / f"instances_{SPLIT}.json").write_text(
+        json.dumps({**common, "annotations": instances, "categories": categories})
+    )
+    captions_file = root / "annotations" / f"captions_{SPLIT}.json"
+    captions_file.write_text(json.dumps({**common, "annotations": captions}))
 
 
 def _phrase(name: str, count: int, rng: random.Random, synonym: bool) -> str:

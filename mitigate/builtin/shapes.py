@@ -16,12 +16,11 @@ while each member's mate stays its most frequent companion in the set, as POPE's
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from . import toy_world
-from .coco_sample import cache_root, ensure_generated
+from .coco_sample import cache_root, ensure_generated, write_coco
 
 VERSION = 2
 SPLIT = "val2014"
@@ -116,16 +115,4 @@ def generate(root: Path, seed: int = SEED) -> None:
         {"id": k.coco_id, "name": k.name, "supercategory": k.supercategory}
         for k in sorted(toy_world.KINDS, key=lambda k: k.coco_id)
     ]
-    _write_json(
-        root / "annotations" / f"instances_{SPLIT}.json",
-        {"info": info, "licenses": [], "images": images, "annotations": instances, "categories": categories},
-    )
-    # Written last: its presence marks a complete dataset.
-    _write_json(
-        root / "annotations" / f"captions_{SPLIT}.json",
-        {"info": info, "licenses": [], "images": images, "annotations": captions},
-    )
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data))
+    write_coco(root, info, images, instances, captions, categories)
