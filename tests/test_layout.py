@@ -1,6 +1,6 @@
 import torch
 
-from mitigate.patches.layout import TokenLayout, build_layout
+from mitigate.context import build_layout
 
 
 def test_layout_left_padding_and_text_only_row():
@@ -18,7 +18,8 @@ def test_layout_left_padding_and_text_only_row():
     assert rows.int().tolist() == [[0, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]]
     keys = layout.keys("image", 10)
     assert keys.shape == (3, 10) and not keys[:, 8:].any()
-    assert TokenLayout.keys_of(layout.image, 4).shape == (3, 4)
+    assert layout.keys("image", 4).shape == (3, 4)
+    assert layout.keys("image", 3, offset=5).int().tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
 
 
 def test_layout_ignores_image_ids_in_padding():

@@ -1,26 +1,54 @@
-"""Executors of an :class:`~mitigate.kernels.edit.AttentionEdit`, by name.
+"""Executors of an edit plan (:mod:`mitigate.plan`), by name.
 
-Every kernel has the signature of :func:`~mitigate.kernels.reference.reference_attention` and gives its
-numbers (fp32 within 1e-5, bf16 within 2e-2).
+A :class:`Kernel` runs any call of a plan (``run``: prefill, and decode when nothing was prepared), and
+folds a plan once per generation for decode steps (``prepare``), which ``decode`` then runs with tensor
+ops only. Every kernel gives the numbers of the eager reference (fp32 within 1e-5, bf16 within 2e-2).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .edit import AttentionEdit, HeadScale, LogitEdit, MassTransfer, combine
+from ..plan import LayerPlan
+from .call import KernelCall
 from .reference import reference_attention
+from .torch_decode import DecodePlan
+from .torch_decode import decode as torch_decode
+from .torch_decode import prepare as torch_prepare
 from .torch_sdpa import torch_attention
 
-Kernel = Callable[..., torch.Tensor]
 
-_KERNELS: dict[str, Kernel] = {"reference": reference_attention, "torch": torch_attention}
+@dataclass
+class Kernel:
+    """``run(q, k, v, mask, plan, call)``, ``prepare(plan, **sizes) -> prepared``,
+    ``decode(q, k, v, mask, prepared, call)``; outputs are ``[B, Nq, H, Dv]``."""
+
+    name: str
+    run: Callable[..., torch.Tensor]
+    prepare: Callable[..., Any]
+    decode: Callable[..., torch.Tensor]
 
 
-def register_kernel(name: str, fn: Kernel) -> None:
-    _KERNELS[name] = fn
+def _reference_prepare(plan: LayerPlan, *, length: int, **_: Any) -> DecodePlan:
+    return DecodePlan(length=length, general=plan)
+
+
+def _reference_decode(query, key, value, mask, prepared: DecodePlan, call: KernelCall) -> torch.Tensor:
+    return reference_attention(query, key, value, mask, prepared.general, call)
+
+
+_KERNELS: dict[str, Kernel] = {
+    "reference": Kernel("reference", reference_attention, _reference_prepare, _reference_decode),
+    "torch": Kernel("torch", torch_attention, torch_prepare, torch_decode),
+}
+
+
+def register_kernel(kernel: Kernel) -> None:
+    _KERNELS[kernel.name] = kernel
 
 
 def available_kernels() -> list[str]:
@@ -41,14 +69,13 @@ def get_kernel(name: str) -> Kernel:
 
 
 __all__ = [
-    "AttentionEdit",
-    "HeadScale",
-    "LogitEdit",
-    "MassTransfer",
+    "DecodePlan",
+    "Kernel",
+    "KernelCall",
     "available_kernels",
-    "combine",
     "get_kernel",
     "reference_attention",
     "register_kernel",
     "resolve_kernel",
+    "torch_attention",
 ]

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import get_kernel
-from .edit import AttentionEdit, MassTransfer
+from ..plan import LayerPlan, Rows, VarRule
+from . import KernelCall, get_kernel
 from .torch_sdpa import sdpa
 
 
@@ -27,7 +27,7 @@ class Case:
     key: torch.Tensor
     value: torch.Tensor
     mask: torch.Tensor | None
-    edit: AttentionEdit
+    plan: LayerPlan
     scaling: float
     causal: bool
 
@@ -52,8 +52,6 @@ def var_case(
 ) -> Case:
     """One attention call of a LLaVA-like layer with VAR active: a system prefix, an image span, then
     ``text_after`` text tokens (the rows VAR edits at prefill). BOS and a few image tokens are sinks."""
-    from ..methods.var import IMAGE, IMAGE_SINK, TEXT_SINK, var_masses
-
     gen = torch.Generator(device="cpu").manual_seed(seed)
     kv_heads = kv_heads or heads
     nq = seq if phase == "prefill" else 1
@@ -63,23 +61,25 @@ def var_case(
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
     groups = torch.zeros(batch, seq, dtype=torch.long)
-    groups[:, image_start:image_end] = IMAGE
-    groups[:, 0] = TEXT_SINK
+    groups[:, image_start:image_end] = VarRule.IMAGE
+    groups[:, 0] = VarRule.TEXT_SINK
     sinks = torch.linspace(image_start, image_end - 1, 6).long()
-    groups[:, sinks] = IMAGE_SINK
-    positions = torch.arange(seq - nq, seq)
-    rows = (positions >= image_end)[None, :].expand(batch, -1).to(device)
-
-    def fn(masses: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
-        return var_masses(masses, 0.4, 0.5, 0.2)[0]
-
-    edit = AttentionEdit([MassTransfer(rows=rows, groups=groups.to(device), num_groups=4, fn=fn, name="var")])
+    groups[:, sinks] = VarRule.IMAGE_SINK
+    on = torch.ones(batch, dtype=torch.bool, device=device)
+    rule = VarRule(
+        method="var",
+        rows=Rows.where(on, image_end),
+        groups=groups.to(device),
+        fraction=0.4,
+        min_nonsink_ratio=0.5,
+        min_image_mass=0.2,
+    )
     return Case(
         query=rand(batch, heads, nq, head_dim),
         key=rand(batch, kv_heads, seq, head_dim),
         value=rand(batch, kv_heads, seq, head_dim),
         mask=None,
-        edit=edit,
+        plan=LayerPlan.of(0, seq, [rule]),
         scaling=head_dim**-0.5,
         causal=True,
     )
@@ -89,8 +89,10 @@ def runner(kernel: str, case: Case) -> Callable[[], torch.Tensor]:
     """A no-argument call of ``kernel`` on ``case``; ``vanilla`` is plain SDPA without the edit."""
     if kernel == "vanilla":
         return lambda: sdpa(case.query, case.key, case.value, case.mask, case.scaling, case.causal)
-    fn = get_kernel(kernel)
-    return lambda: fn(case.query, case.key, case.value, case.mask, case.edit, case.scaling, case.causal)
+    fn = get_kernel(kernel).run
+    past = case.key.shape[2] - case.query.shape[2]
+    call = KernelCall(scaling=case.scaling, causal=case.causal, past=past)
+    return lambda: fn(case.query, case.key, case.value, case.mask, case.plan, call)
 
 
 def _sync(device: torch.device) -> None:

@@ -53,3 +53,13 @@ def keep_rows(
         limit = index + (num_keys - num_queries)
         return (torch.arange(num_keys, device=device)[None, :] <= limit[:, None])[None, None]
     return keep_mask(attention_mask, 1, num_queries, num_keys, causal, device)[:, :, index]
+
+
+def padding_of(mask: torch.Tensor) -> torch.Tensor:
+    """The 2-D padding mask ``[B, T]`` (1 = real token) of a prefill's 4-D mask ``[B, 1, T, L]`` (what
+    transformers builds outside the model for a static cache): the keys the prompt's last row sees among
+    the first ``T`` slots."""
+    keep = mask[:, 0, -1, : mask.shape[-2]]
+    if keep.dtype != torch.bool:
+        keep = keep > torch.finfo(keep.dtype).min / 2
+    return keep.long()

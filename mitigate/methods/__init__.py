@@ -1,6 +1,6 @@
 """Methods by name: each module holds one method's config, state and edit (see :mod:`.base`)."""
 
-from .base import AttentionCall, Method, MethodConfig
+from .base import Method, MethodConfig, PlanContext
 from .registry import (
     build_method,
     find_preset,
@@ -12,9 +12,9 @@ from .registry import (
 )
 
 __all__ = [
-    "AttentionCall",
     "Method",
     "MethodConfig",
+    "PlanContext",
     "build_method",
     "find_preset",
     "list_methods",

@@ -1,18 +1,21 @@
 """What every method is: a validated config, the layers it edits, per-generation state, and the ops it emits.
 
-A method never touches the model. The session calls it at three points:
+A method never touches the model. The session calls it at prefill only (decode steps run the plan):
 
 * :meth:`Method.reset` at every prefill (new prompt batch): clear per-generation state;
-* :meth:`Method.observe_hidden` at prefill, with the input hidden state of each layer in
-  :meth:`Method.hidden_layers` (before that layer runs, so later layers can use what earlier ones found);
-* :meth:`Method.edit` in every attention call of an edited layer: return the ops for this call.
+* :meth:`Method.observe_hidden` with the input hidden state of each layer in :meth:`Method.hidden_layers`
+  (before that layer runs, so later layers can use what earlier ones found);
+* :meth:`Method.plan` once per edited layer, when that layer's attention first runs: the stages of the
+  layer's :class:`~mitigate.plan.LayerPlan` for the whole generation (tensors only).
 
 Optional hooks, for methods that need more than the language model's own prefill:
 
 * :meth:`Method.observe_vision` with the CLS row of the vision tower's attention in
   :meth:`Method.vision_layers` (PAINT), captured without asking the tower for attention maps;
 * :meth:`Method.probe_output` during one extra prefill that the session runs before the real one, on the
-  prompt rows plus their image-free twins, when :meth:`Method.needs_probe` (VHR).
+  prompt rows plus their image-free twins, when :meth:`Method.needs_probe` (VHR);
+* :meth:`Method.observe_rows` / :meth:`Method.observe_probs`: the final attention probabilities of a few
+  prompt rows in a layer (GIFT's saliency), computed for those rows only.
 
 State lives in the ``state`` dict the session passes in (one per method per session), never on modules.
 """
@@ -25,11 +28,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from ..context import ModelInfo, TokenLayout
 from ..errors import ConfigError
-from ..kernels.edit import Op
-from ..patches.adapters import ModelInfo
-from ..patches.layout import KeyBuffer, TokenLayout
-from ..stats import Stats
+from ..plan import Rows, Stage
 
 
 class MethodConfig(BaseModel):
@@ -48,52 +49,38 @@ class MethodConfig(BaseModel):
 
 
 @dataclass
-class AttentionCall:
-    """One attention call of one layer, as methods see it."""
+class PlanContext:
+    """What a method sees when it plans one layer for one generation."""
 
     layer_idx: int
     layout: TokenLayout
-    positions: torch.Tensor  # [Nq] absolute positions of this call's query rows
-    num_keys: int
     num_heads: int
-    prefill: bool
-    stats: Stats | None = None
-    past: int = 0  # keys cached before this call (host-side)
-    key_offset: int = 0  # position of the first key: > 0 when a sliding-window cache dropped older keys
 
     @property
     def batch_size(self) -> int:
         return self.layout.batch_size
 
     @property
-    def device(self) -> torch.device:
-        return self.positions.device
-
-    def keys(self, buffer: KeyBuffer) -> torch.Tensor:
-        """A per-key prompt tensor over this call's keys (whatever the cache kept)."""
-        return buffer.get(self.num_keys, self.key_offset)
-
-    def layout_keys(self, name: str) -> torch.Tensor:
-        """A layout mask (``image``, ``prefix``, ``query``) over this call's keys."""
-        return self.layout.keys(name, self.num_keys, self.key_offset)
+    def prompt_len(self) -> int:
+        return self.layout.prompt_len
 
     @property
-    def num_rows(self) -> int:
-        return self.positions.shape[0]
+    def device(self) -> torch.device:
+        return self.layout.valid.device
 
-    def after_image_span(self) -> tuple[int, int]:
-        """Host-side bounds of the rows after the image (see :class:`~mitigate.kernels.edit` ``span``)."""
-        return min(self.num_rows, max(0, self.layout.after_image - self.past)), self.num_rows
+    def all_rows(self, on: torch.Tensor | None = None) -> Rows:
+        """Every row of the batch rows ``on [B]`` (all if ``None``), decode rows included."""
+        on = torch.ones(self.batch_size, dtype=torch.bool, device=self.device) if on is None else on
+        return Rows.where(on, 0)
 
-    def last_row_span(self) -> tuple[int, int]:
-        return self.num_rows - 1, self.num_rows
+    def rows_after_image(self, on: torch.Tensor | None = None) -> Rows:
+        """The rows after the image (and every decode row) of the batch rows that have one (and ``on``)."""
+        has = self.layout.has_image if on is None else self.layout.has_image & on
+        return Rows.where(has, self.layout.last_image + 1, first=self.layout.after_image)
 
-    def last_row(self, batch_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """bool ``[B, Nq]``: the call's last query row (the prompt's last token at prefill, the new token
-        at decode), for the batch rows in ``batch_rows`` (all if ``None``)."""
-        rows = torch.zeros(self.batch_size, self.positions.shape[0], dtype=torch.bool, device=self.device)
-        rows[:, -1] = True if batch_rows is None else batch_rows
-        return rows
+    def last_row(self, on: torch.Tensor) -> Rows:
+        """The prompt's last row (and every decode row) of the batch rows ``on [B]``."""
+        return Rows.where(on, self.prompt_len - 1)
 
 
 class Method:
@@ -181,5 +168,16 @@ class Method:
     ) -> None:
         """Called at prefill with the layer's input hidden state ``[B, T, d]``."""
 
-    def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
+    def observe_rows(self, layer_idx: int, state: dict[str, Any]) -> tuple[int, int] | None:
+        """At prefill: the span of prompt rows ``[start, stop)`` whose final probabilities in this layer
+        the method wants to see (:meth:`observe_probs`), or ``None``."""
+        return None
+
+    def observe_probs(
+        self, layer_idx: int, probs: torch.Tensor, positions: torch.Tensor, state: dict[str, Any]
+    ) -> None:
+        """``probs [B, H, R, Nk]``: the final probabilities of the rows at ``positions [R]``."""
+
+    def plan(self, ctx: PlanContext, state: dict[str, Any]) -> list[Stage]:
+        """The stages this method adds to layer ``ctx.layer_idx`` for this generation."""
         raise NotImplementedError

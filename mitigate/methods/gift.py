@@ -25,11 +25,10 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
+from ..context import ModelInfo, TokenLayout
 from ..errors import ConfigError
-from ..kernels.edit import Observe, Op, RowEdit
-from ..patches.adapters import ModelInfo
-from ..patches.layout import KeyBuffer, TokenLayout
-from .base import AttentionCall, Method, MethodConfig
+from ..plan import GiftRule, Stage
+from .base import Method, MethodConfig, PlanContext
 from .registry import register_method
 from .text import TAGGER, informative_tokens, query_spans, resolve_tokenizer
 
@@ -71,34 +70,6 @@ def saliency_map(changes: list[torch.Tensor], alpha: float, head_fraction: float
     if not bool(high > low):
         return None
     return torch.exp(alpha * (s - low) / (high - low))
-
-
-def enhance(
-    p: torch.Tensor, image: torch.Tensor, query: torch.Tensor, weights: torch.Tensor, head_fraction: float
-) -> torch.Tensor:
-    """GIFT's enhancement of probability rows ``p [B, H, R, Nk]``; ``image``/``query`` are bool
-    ``[B, Nk]`` key masks and ``weights [B, Nk]`` the saliency ``S`` on image keys (1 elsewhere)."""
-    heads = p.shape[1]
-    keep = max(1, int(heads * head_fraction))
-    img = image[:, None, None, :]
-    qry = query[:, None, None, :]
-    image_mass = (p * img).sum(-1)  # [B, H, R]
-    vision_heads = _top_heads(image_mass, keep)
-    boosted = (p * img * weights[:, None, None, :]).sum(-1)
-    old = (image_mass * vision_heads).sum(1, keepdim=True)  # [B, 1, R]
-    new = (boosted * vision_heads).sum(1, keepdim=True)
-    g = torch.where(old > 0, new / old.clamp_min(torch.finfo(p.dtype).tiny), torch.ones_like(old))
-    query_heads = _top_heads((p * qry).sum(-1), keep)
-    factor = torch.where(vision_heads[..., None] & img, weights[:, None, None, :], 1.0)
-    factor = factor * torch.where(query_heads[..., None] & qry, g[..., None], 1.0)
-    edited = p * factor
-    return edited / edited.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-
-
-def _top_heads(mass: torch.Tensor, keep: int) -> torch.Tensor:
-    """bool ``[B, H, R]``: the ``keep`` heads with the largest ``mass`` in each (batch, row)."""
-    index = mass.topk(keep, dim=1).indices
-    return torch.zeros_like(mass, dtype=torch.bool).scatter_(1, index, True)
 
 
 @register_method
@@ -172,17 +143,21 @@ class GIFT(Method):
             observe=observe,
             kept=kept,
             rows={},
-            query=KeyBuffer(query_keys, fill=False),
+            query=query_keys,
             observe_span=observe_span,
         )
 
-    def _observer(self, layer: int, state: dict[str, Any]):
-        def fn(p: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
-            device = state["observe"].device  # layers may sit on other GPUs (device_map)
-            for r, position in enumerate(index.tolist()):
-                state["rows"].setdefault(layer, {})[position] = p[:, :, r].float().to(device)
+    def observe_rows(self, layer_idx: int, state: dict[str, Any]) -> tuple[int, int] | None:
+        span = state["observe_span"]
+        return span if layer_idx in self.saliency and span[1] > span[0] else None
 
-        return fn
+    def observe_probs(
+        self, layer_idx: int, probs: torch.Tensor, positions: torch.Tensor, state: dict[str, Any]
+    ) -> None:
+        device = state["observe"].device  # layers may sit on other GPUs (device_map)
+        seen = state["rows"].setdefault(layer_idx, {})
+        for r, position in enumerate(positions.tolist()):
+            seen[position] = probs[:, :, r].float().to(device)
 
     def _weights(self, layout: TokenLayout, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-key saliency ``[B, T]`` (1 off the image) and the batch rows that get enhanced ``[B]``."""
@@ -210,29 +185,22 @@ class GIFT(Method):
             enhanced[row] = True
         return weights, enhanced
 
-    # -- edits -----------------------------------------------------------------------------------
-    def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
-        layer = call.layer_idx
-        ops: list[Op] = []
-        if call.prefill and layer in self.saliency and state["observe_span"][1] > state["observe_span"][0]:
-            rows = state["observe"][:, call.positions]
-            span = state["observe_span"]
-            ops.append(Observe(rows=rows, fn=self._observer(layer, state), name=self.name, span=span))
-        if layer in self.enhance_at:
-            if "weights" not in state:  # once per prefill, after every saliency layer has been seen
-                weights, enhanced = self._weights(call.layout, state)
-                state["weights"] = KeyBuffer(weights, fill=1.0)
-                state["enhanced"] = enhanced
-                state["rows"] = {}
-            weights = call.keys(state["weights"])
-            image = call.layout_keys("image")
-            query = call.keys(state["query"])
-            fraction = self.config.head_fraction
-
-            def fn(p: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-                on = p.device
-                return enhance(p, image.to(on), query.to(on), weights.to(on), fraction)
-
-            rows = call.last_row(state["enhanced"])
-            ops.append(RowEdit(rows=rows, fn=fn, name=self.name, span=call.last_row_span()))
-        return ops
+    # -- plan -----------------------------------------------------------------------------------
+    def plan(self, ctx: PlanContext, state: dict[str, Any]) -> list[Stage]:
+        if ctx.layer_idx not in self.enhance_at:
+            return []
+        if "weights" not in state:  # once per prefill, after every saliency layer has been seen
+            state["weights"], state["enhanced"] = self._weights(ctx.layout, state)
+            state["rows"] = {}
+        layout = ctx.layout
+        groups = torch.full_like(layout.image, GiftRule.OTHER, dtype=torch.long)
+        groups[state["query"]] = GiftRule.QUERY
+        groups[layout.image] = GiftRule.IMAGE
+        rule = GiftRule(
+            method=self.name,
+            rows=ctx.last_row(state["enhanced"]),
+            groups=groups,
+            weights=state["weights"],
+            head_fraction=self.config.head_fraction,
+        )
+        return [rule]

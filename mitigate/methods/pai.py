@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import Field
 
-from ..kernels.edit import LogitEdit, Op
-from ..patches.layout import KeyBuffer, TokenLayout
-from .base import AttentionCall, Method, MethodConfig
+from ..context import TokenLayout
+from ..plan import LogitStage, Stage
+from .base import Method, MethodConfig, PlanContext
 from .registry import register_method
 
 
@@ -35,11 +35,11 @@ class PAI(Method):
 
     def reset(self, state: dict[str, Any], layout: TokenLayout) -> None:
         state.clear()
-        state["abs"] = KeyBuffer(self.config.alpha * layout.image[:, None, :].float(), fill=0.0)
+        state["abs"] = self.config.alpha * layout.image[:, None, :].float()
 
-    def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
-        rows = call.last_row(call.layout.has_image)
-        return [LogitEdit(rows=rows, abs=call.keys(state["abs"]), span=call.last_row_span())]
+    def plan(self, ctx: PlanContext, state: dict[str, Any]) -> list[Stage]:
+        rows = ctx.last_row(ctx.layout.has_image)
+        return [LogitStage(method=self.name, rows=rows, abs=state["abs"])]
 
     def contrast(self) -> tuple[float, float | None] | None:
         """``(gamma, cutoff)`` when the image-free contrast is on."""

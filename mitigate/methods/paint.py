@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from ..context import ModelInfo, TokenLayout
 from ..errors import ConfigError
-from ..kernels.edit import LogitEdit, Op
-from ..patches.adapters import ModelInfo
-from ..patches.layout import KeyBuffer, TokenLayout
-from .base import AttentionCall, Method, MethodConfig
+from ..plan import LogitStage, Stage
+from .base import Method, MethodConfig, PlanContext
 from .registry import register_method
 
 #: the IQR rule's fence, Q3 + k*IQR (PAINT clip_encoder.py get_top_ratio)
@@ -95,7 +94,7 @@ class PAINT(Method):
         # summed over heads; columns after the CLS token are the patches, in feature order
         state.setdefault("cls", {})[layer_idx] = cls_attention.sum(1)[:, 1:]
 
-    def _sets(self, layout: TokenLayout, state: dict[str, Any]) -> KeyBuffer:
+    def _sets(self, layout: TokenLayout, state: dict[str, Any]) -> torch.Tensor:
         cls = state.pop("cls", {})  # consumed: a later prompt never reuses this image's capture
         if 0 not in cls or self.info.vision_feature_layer not in cls:
             raise RuntimeError("paint: the vision tower did not run at this prefill (no pixel_values?)")
@@ -104,12 +103,12 @@ class PAINT(Method):
         if not self.info.features_drop_cls:  # the CLS feature is an image token too, never boosted
             boost = torch.nn.functional.pad(boost, (1, 0))
         state["local"], state["summary"] = local, summary
-        return KeyBuffer(per_key(boost, layout.image)[:, None, :], fill=0.0)
+        return per_key(boost, layout.image)[:, None, :]
 
-    def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
+    def plan(self, ctx: PlanContext, state: dict[str, Any]) -> list[Stage]:
         if "abs" not in state:  # once per prefill, after the vision tower ran
-            state["abs"] = self._sets(call.layout, state) if bool(call.layout.has_image.any()) else None
+            state["abs"] = self._sets(ctx.layout, state) if bool(ctx.layout.has_image.any()) else None
         if state["abs"] is None:
             return []
-        rows = call.last_row(call.layout.has_image)
-        return [LogitEdit(rows=rows, abs=call.keys(state["abs"]), span=call.last_row_span())]
+        rows = ctx.last_row(ctx.layout.has_image)
+        return [LogitStage(method=self.name, rows=rows, abs=state["abs"])]

@@ -29,8 +29,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from ..context import ModelInfo
 from ..errors import ConfigError, UnknownMethodError
-from ..patches.adapters import ModelInfo
 from .base import Method
 
 _METHODS: dict[str, type[Method]] = {}

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..kernels.edit import LogitEdit, Op
-from ..patches.layout import KeyBuffer, TokenLayout
-from .base import AttentionCall, Method, MethodConfig
+from ..context import TokenLayout
+from ..plan import LogitStage, Stage
+from .base import Method, MethodConfig, PlanContext
 from .registry import register_method
 
 
@@ -40,12 +40,9 @@ class VAF(Method):
         scale = (
             1 + (cfg.image_scale - 1) * layout.image.float() + (cfg.system_scale - 1) * layout.prefix.float()
         )
-        state["scale"] = KeyBuffer(scale[:, None, :], fill=1.0)
+        state["scale"] = scale[:, None, :]
 
-    def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
-        layout = call.layout
-        if self.config.rows == "all":
-            rows, span = layout.has_image[:, None].expand(-1, call.num_rows), (0, call.num_rows)
-        else:
-            rows, span = layout.rows_after_image(call.positions), call.after_image_span()
-        return [LogitEdit(rows=rows, scale=call.keys(state["scale"]), span=span)]
+    def plan(self, ctx: PlanContext, state: dict[str, Any]) -> list[Stage]:
+        every = self.config.rows == "all"
+        rows = ctx.all_rows(ctx.layout.has_image) if every else ctx.rows_after_image()
+        return [LogitStage(method=self.name, rows=rows, scale=state["scale"])]

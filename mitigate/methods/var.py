@@ -6,8 +6,8 @@ image mass, mostly on non-sink image tokens) move ``moved_fraction`` of their si
 sinks) to the non-sink image tokens, in proportion to their probability. Rows after the image at prefill
 and every decode row are edited.
 
-The edit is a :class:`~mitigate.kernels.edit.MassTransfer` over four key groups, so fast kernels run it
-from group masses alone.
+The plan is a :class:`~mitigate.plan.VarRule` over four key groups per layer, so fast kernels run it from
+group masses alone.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from ..context import ModelInfo, TokenLayout
 from ..errors import ConfigError
-from ..kernels.edit import MassTransfer, Op
-from ..patches.adapters import ModelInfo
-from ..patches.layout import KeyBuffer, TokenLayout
-from .base import AttentionCall, Method, MethodConfig
+from ..plan import Stage, VarRule
+from .base import Method, MethodConfig, PlanContext
 from .registry import register_method
 
 #: the released code normalises with a fixed eps (VisAttnSink src/logic/logic.py), not the model's
@@ -29,7 +28,7 @@ RMS_EPS = 1e-6
 #: how many dimensions ``sink_dims="auto"`` takes per prompt row and layer (the released code uses two)
 AUTO_SINK_DIMS = 2
 
-OTHER, TEXT_SINK, IMAGE_SINK, IMAGE = range(4)
+OTHER, TEXT_SINK, IMAGE_SINK, IMAGE = VarRule.OTHER, VarRule.TEXT_SINK, VarRule.IMAGE_SINK, VarRule.IMAGE
 
 
 class VARConfig(MethodConfig):
@@ -62,20 +61,6 @@ def sink_scores(hidden: torch.Tensor, dims: list[int] | str, eps: float, valid: 
     return picked.amax(-1)
 
 
-def var_masses(
-    masses: torch.Tensor, fraction: float, min_ratio: float, min_image: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """New group masses for VAR and the gate ``[B, H, R]`` (see module docstring)."""
-    other, text_sink, image_sink, image = masses.unbind(-1)
-    image_mass = image_sink + image
-    nonsink_ratio = image / image_mass.clamp_min(torch.finfo(masses.dtype).tiny)
-    gate = (image_mass >= min_image) & (nonsink_ratio >= min_ratio) & (image > 0)
-    moved = fraction * (text_sink + image_sink)
-    keep = 1.0 - fraction
-    new = torch.stack((other, text_sink * keep, image_sink * keep, image + moved), dim=-1)
-    return torch.where(gate[..., None], new, masses), gate
-
-
 @register_method
 class VAR(Method):
     name = "var"
@@ -105,42 +90,20 @@ class VAR(Method):
         groups[sinks & ~image] = TEXT_SINK
         groups[sinks & image] = IMAGE_SINK
         groups[~sinks & image] = IMAGE
-        state.setdefault("groups", {})[layer_idx] = KeyBuffer(groups, fill=OTHER)
+        state.setdefault("groups", {})[layer_idx] = groups
         state.setdefault("active_rows", {})[layer_idx] = image_sink_rows
-        # decode rows are all after the image: their row mask is fixed for the whole generation
-        state.setdefault("decode_rows", {})[layer_idx] = (image_sink_rows & layout.has_image)[:, None]
 
-    def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
-        layer = call.layer_idx
-        if "groups" not in state or layer not in state["groups"]:
+    def plan(self, ctx: PlanContext, state: dict[str, Any]) -> list[Stage]:
+        layer = ctx.layer_idx
+        if layer not in state.get("groups", {}):
             return []
-        if not call.prefill:
-            if "active" not in state:  # one host sync per generation: which layers found an image sink
-                layers = sorted(state["active_rows"])
-                flags = torch.stack([state["active_rows"][i].any() for i in layers]).tolist()
-                state["active"] = dict(zip(layers, flags, strict=True))
-            if not state["active"][layer]:
-                return []
-        groups = call.keys(state["groups"][layer])
-        if not call.prefill and call.positions.shape[0] == 1:
-            rows = state["decode_rows"][layer]
-        else:
-            rows = call.layout.rows_after_image(call.positions) & state["active_rows"][layer][:, None]
         cfg = self.config
-        stats = call.stats
-
-        def fn(masses: torch.Tensor, edited_rows: torch.Tensor) -> torch.Tensor:
-            new, gate = var_masses(masses, cfg.moved_fraction, cfg.min_nonsink_ratio, cfg.min_image_mass)
-            if stats is not None:
-                edited = gate & edited_rows[:, None, :]
-                moved = (new[..., IMAGE] - masses[..., IMAGE]) * edited
-                stats.add(
-                    self.name, layer, moved=moved, heads=edited, rows=edited_rows.sum() * masses.shape[1]
-                )
-            return new
-
-        return [
-            MassTransfer(
-                rows=rows, groups=groups, num_groups=4, fn=fn, name=self.name, span=call.after_image_span()
-            )
-        ]
+        rule = VarRule(
+            method=self.name,
+            rows=ctx.rows_after_image(state["active_rows"][layer]),
+            groups=state["groups"][layer],
+            fraction=cfg.moved_fraction,
+            min_nonsink_ratio=cfg.min_nonsink_ratio,
+            min_image_mass=cfg.min_image_mass,
+        )
+        return [rule]

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..kernels.edit import HeadScale, Op
-from ..patches.layout import TokenLayout
-from .base import AttentionCall, Method, MethodConfig
+from ..context import TokenLayout
+from ..plan import HeadStage, Stage
+from .base import Method, MethodConfig, PlanContext
 from .registry import register_method
 
 
@@ -64,10 +64,9 @@ class VHR(Method):
         factor = torch.where(chosen, self.config.alpha, 1.0).to(out.dtype)  # [B, H]
         return out * factor.repeat(2, 1)[:, None, :, None]
 
-    def edit(self, call: AttentionCall, state: dict[str, Any]) -> list[Op]:
-        heads = state.get("heads", {}).get(call.layer_idx)
+    def plan(self, ctx: PlanContext, state: dict[str, Any]) -> list[Stage]:
+        heads = state.get("heads", {}).get(ctx.layer_idx)
         if heads is None:  # the probe did not run (e.g. edits disabled at prefill)
             return []
         scale = torch.where(heads, self.config.alpha, 1.0)
-        rows = torch.ones(call.batch_size, call.positions.shape[0], dtype=torch.bool, device=call.device)
-        return [HeadScale(rows=rows, scale=scale, span=(0, call.num_rows))]
+        return [HeadStage(method=self.name, rows=ctx.all_rows(), scale=scale)]

@@ -4,34 +4,13 @@ sizes methods need. Adapters are found by config class, never by hard-coded modu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..context import ModelInfo
 from ..errors import UnsupportedModelError
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What methods may know about the model they edit."""
-
-    family: str
-    name_or_path: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    rms_norm_eps: float
-    image_token_id: int
-    vision_layers: int = 0
-    vision_feature_layer: int | None = None  # 0-based layer whose output becomes the image tokens
-    vision_has_cls: bool = False
-    features_drop_cls: bool = True
-    #: image tokens are one tower pass's patch features, in order (LLaVA-1.5); not with tiles (NeXT)
-    flat_image_features: bool = True
 
 
 class Adapter:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import MitigationError
+from ..kernels.masks import padding_of
 from .adapters import Adapter
 from .twins import NOT_ALIGNED, double_batch
 
@@ -67,38 +69,67 @@ class Contrast:
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        # a compiled forward is a decode step (the prefill runs eagerly): nothing is read from the cache
+        prefill = not torch.compiler.is_compiling() and (cache is None or int(cache.get_seq_length()) == 0)
         mask = kwargs.get("attention_mask")
-        if mask is None:  # generate drops the mask of unpadded batches
-            mask = torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.long, device=ids.device)
         bsz = ids.shape[0]
-        kwargs["attention_mask"] = mask
-        if past == 0:
+        if isinstance(mask, dict):
+            raise MitigationError(
+                "mitigate: the image-free contrast (cfg_gamma) cannot pair per-layer-type masks (a static "
+                "cache on a family with sliding-window layers); use the default dynamic cache"
+            )
+        if prefill:
+            if mask is None:  # generate drops the mask of unpadded batches
+                mask = torch.ones_like(ids)
+            plain = mask if mask.dim() == 2 else padding_of(mask)
             pad = self.model.generation_config.pad_token_id
             image = self.adapter.image_mask(ids, None)
-            kwargs, twin_mask = double_batch(kwargs, image, mask, 0 if pad is None else int(pad))
+            kwargs["attention_mask"] = plain
+            kwargs, twin_mask = double_batch(kwargs, image, plain, 0 if pad is None else int(pad))
             self.twin_mask = twin_mask
-            self.shift = mask.sum(-1) - twin_mask.sum(-1)
+            self.shift = plain.sum(-1) - twin_mask.sum(-1)
+            if mask.dim() == 4:  # a static cache: transformers built the 4-D mask outside the model
+                twin_keys = torch.nn.functional.pad(twin_mask.bool(), (0, mask.shape[-1] - ids.shape[1]))
+                causal = mask.new_ones(mask.shape[-2], mask.shape[-1]).tril()
+                kwargs["attention_mask"] = torch.cat([mask, twin_keys[:, None, None, :] & causal])
+            self._follow_beams(cache, bsz)
         else:
             if self.twin_mask is None or self.twin_mask.shape[0] != bsz:
                 return None
-            grown = mask.shape[1] - self.twin_mask.shape[1]
-            twin_mask = (
-                torch.cat([self.twin_mask, mask[:, self.twin_mask.shape[1] :]], dim=1) if grown > 0 else mask
-            )
+            prompt = self.twin_mask.shape[1]
+            if mask is None:
+                raise MitigationError("mitigate: the image-free contrast needs the attention mask at decode")
+            if mask.dim() == 2:
+                twin = torch.cat([self.twin_mask.to(mask.dtype), mask[:, prompt:]], dim=1)
+            else:  # 4-D: the prompt's keys follow the twins' padding, later slots as the prompt rows
+                keys = torch.nn.functional.pad(self.twin_mask.bool(), (0, mask.shape[-1] - prompt))
+                in_prompt = torch.arange(mask.shape[-1], device=mask.device) < prompt
+                twin = torch.where(in_prompt, keys[:, None, None, :], mask)
             doubled = {
                 key: torch.cat([value, value])  # the new tokens are the same in both halves
                 for key, value in kwargs.items()
                 if key not in NOT_ALIGNED and torch.is_tensor(value) and value.shape == ids.shape
             }
             kwargs.update(doubled, input_ids=torch.cat([ids, ids]))
-            kwargs["attention_mask"] = torch.cat([mask, twin_mask])
+            kwargs["attention_mask"] = torch.cat([mask, twin])
             positions = kwargs.get("position_ids")
             if positions is not None:
                 twins = (positions - self.shift[:, None]).clamp_min(0)
                 kwargs["position_ids"] = torch.cat([positions, twins])
         self.rows = bsz
         return args, kwargs
+
+    @staticmethod
+    def _follow_beams(cache: Any, rows: int) -> None:
+        """Beam search reorders the cache by beam; the image-free rows follow their prompt rows."""
+        if cache is None or not hasattr(cache, "reorder_cache"):
+            return
+        reorder = cache.reorder_cache
+
+        def doubled(beam_idx: torch.Tensor) -> None:
+            reorder(torch.cat([beam_idx, beam_idx + rows]))
+
+        cache.reorder_cache = doubled  # this generation's cache object only
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         bsz, self.rows = self.rows, 0

@@ -1,15 +1,23 @@
-"""How edits reach a model: one registered attention function, forward pre-hooks, and the per-call context.
+"""How edits reach a model: one registered attention function, forward hooks, and the per-generation plans.
 
 A :class:`Session` is the live side of one mitigation on one model. ``install`` registers the ``mitigate``
 attention and mask functions with transformers, switches only the language model to them, and adds:
 
-* a pre-hook on the multimodal base model, which builds the token layout at every prefill (no cache yet)
-  and notes how many keys were already cached at decode steps;
+* a pre-hook on the multimodal base model, which at every prefill (no cache yet) builds the token layout
+  and resets the methods; it refuses a prompt continued from a cached prefix (chunked prefill), whose edits
+  would silently differ, and does nothing at all inside a compiled decode step;
 * pre-hooks on the decoder layers whose input hidden state a method needs at prefill;
 * when a method reads the vision tower (PAINT), the tower's attention is routed here too, and the CLS
   query's probabilities are computed for the layers it asks for (one row, never the full map);
 * when a method needs a probe (VHR), the base model's pre-hook runs one extra prefill, on the prompt
   rows and their image-free twins as one batch, before the real prefill.
+
+At prefill, the first attention call of each edited layer asks the methods for that layer's stages and
+keeps the :class:`~mitigate.plan.LayerPlan` for the whole generation, folded by the kernel for decode
+(:meth:`Kernel.prepare`). A decode step only runs the folded plan: no Python that reads tensor values, no
+per-step state on the host, so it compiles once per shape (``cache_implementation="static"`` with
+``torch.compile``) and replays as a CUDA graph. With a static cache the folded plans keep their storage
+from one generation to the next, so a new prompt of the same shape reuses the compiled graph.
 
 ``uninstall`` undoes all of it, so the model is exactly as before. Attention modules map to their session
 in a weak dictionary, so several models can be mitigated at once and nothing outlives ``uninstall``.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,12 +36,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..kernels import combine, get_kernel, resolve_kernel
-from ..methods.base import AttentionCall, Method
+from ..context import TokenLayout, build_layout
+from ..errors import MitigationError
+from ..kernels import KernelCall, get_kernel, resolve_kernel
+from ..kernels.masks import padding_of
+from ..kernels.reference import probabilities
+from ..methods.base import Method, PlanContext
+from ..plan import NEVER, LayerPlan
 from ..stats import Stats
 from .adapters import Adapter
 from .contrast import Contrast
-from .layout import TokenLayout, build_layout
 from .twins import double_batch
 
 ATTENTION_NAME = "mitigate"
@@ -87,8 +100,11 @@ class Session:
         self.stats: Stats | None = None
         self.layout: TokenLayout | None = None
         self.prefill = False
-        self.past = 0
-        self.positions: torch.Tensor | None = None
+        self.past = 0  # keys cached before the current call (eager calls only)
+        self.plans: dict[int, LayerPlan | None] = {}  # this generation's plan per edited layer
+        self.decode_plans: dict[int, Any] = {}  # the same, folded by the kernel for decode steps
+        self.decode_length = 0  # keys the folded plans cover
+        self.static = False  # the generation runs on a static (compilable) cache
         self.state: list[dict[str, Any]] = [{} for _ in methods]
         self.probing = False
         self._edited = {layer for m in methods for layer in m.edited_layers()}
@@ -117,6 +133,7 @@ class Session:
             _SESSIONS[module] = self
         base = self.adapter.base_model()
         self._handles.append(base.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(base.register_forward_hook(self._after_forward))
         for idx, layer in enumerate(self.adapter.decoder_layers()):
             if idx in self._hidden:
                 self._handles.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
@@ -141,6 +158,7 @@ class Session:
             self.model.set_attn_implementation(self._previous)
             self._previous = {}
         self.layout = None
+        self.plans, self.decode_plans = {}, {}
         self.state = [{} for _ in self.methods]
         _unregister_functions()
 
@@ -160,6 +178,8 @@ class Session:
 
     # -- hooks ------------------------------------------------------------------------------
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            return  # a compiled decode step: everything it needs was prepared at prefill
         if not self.enabled or self.probing:  # a disabled block leaves the generation's state as it was
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -168,20 +188,41 @@ class Session:
         if tokens is None:
             return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        past = _cached_length(cache)
         self.past = past
-        self.positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
         self.prefill = past == 0
-        if self.prefill:
-            mask = kwargs.get("attention_mask")
-            image = self.adapter.image_mask(input_ids, embeds)
-            self.layout = build_layout(
-                image, mask if mask is not None and mask.dim() == 2 else None, input_ids
-            )
-            for method, state in zip(self.methods, self.state, strict=True):
-                method.reset(state, self.layout)
-            if self._probe:
-                self.probe(module, args, kwargs)
+        if not self.prefill:
+            if tokens.shape[1] > 1:
+                raise MitigationError(
+                    f"mitigate: this forward continues a cached prompt with {tokens.shape[1]} new tokens "
+                    "(chunked prefill, or a prompt continued from a cached prefix). The methods read the "
+                    "whole prompt at its prefill (sinks, saliency, image spans), so they would silently "
+                    "differ here; run the prompt in one prefill (no prefill_chunk_size, no reused cache)."
+                )
+            if self.layout is None:
+                raise MitigationError(
+                    "mitigate: a decode step without a mitigated prefill (was the mitigation applied in the "
+                    "middle of a generation?); start the generation again"
+                )
+            return
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.dim() == 4:  # a static cache: transformers built the 4-D mask
+            mask = padding_of(mask)
+        image = self.adapter.image_mask(input_ids, embeds)
+        self.layout = build_layout(
+            image, mask if torch.is_tensor(mask) and mask.dim() == 2 else None, input_ids
+        )
+        self.static = bool(getattr(cache, "is_compileable", False))
+        self.decode_length = _static_length(cache) if self.static else self.layout.prompt_len + 64
+        self.plans = {}
+        for method, state in zip(self.methods, self.state, strict=True):
+            method.reset(state, self.layout)
+        if self._probe:
+            self.probe(module, args, kwargs)
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not torch.compiler.is_compiling() and not self.probing:
+            self.prefill = False  # the layer hooks and attention calls that follow are decode steps
 
     def _layer_hook(self, layer_idx: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -208,7 +249,7 @@ class Session:
         for name in ("cache", "past_key_values", "logits_to_keep", "use_cache"):
             call.pop(name, None)
         mask = call.get("attention_mask")
-        mask = layout.valid.long() if mask is None or mask.dim() != 2 else mask
+        mask = layout.valid.long() if not torch.is_tensor(mask) or mask.dim() != 2 else mask
         call["attention_mask"] = mask
         if call.get("position_ids") is None:
             call["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -266,52 +307,120 @@ class Session:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         layer = getattr(module, "layer_idx", None)
-        positions = self.positions
         if self.probing:
             return self._probe_attention(
                 module, layer, query, key, value, attention_mask, dropout, scaling, **kwargs
             )
-        if (
-            layer not in self._edited
-            or self.layout is None
-            or positions is None
-            or positions.shape[0] != query.shape[2]
-        ):
-            return sdpa_attention_forward(
-                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-            )
-        call = AttentionCall(
-            layer_idx=layer,
-            layout=self.layout,
-            positions=positions,
-            num_keys=key.shape[2],
-            num_heads=query.shape[1],
-            prefill=self.prefill,
-            stats=self.stats,
-            past=self.past,
-            key_offset=max(0, self.past + query.shape[2] - key.shape[2]),
-        )
-        per_method = [
-            (m, m.edit(call, s))
-            for m, s in zip(self.methods, self.state, strict=True)
-            if layer in m.edited_layers()
-        ]
-        if self.stats is not None:
-            for method, ops in per_method:
-                edited = [op.rows for op in ops if op.kind != "observe"]
-                if edited:
-                    rows = edited[0] if len(edited) == 1 else torch.stack(edited).any(0)
-                    self.stats.add(method.name, layer, edited_rows=rows.sum())
-        edit = combine([ops for _, ops in per_method])
-        if not edit:
+        if layer not in self._edited:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
         causal = bool(getattr(module, "is_causal", True))
-        out = self.kernel(query, key, value, attention_mask, edit.to(query.device), scaling, causal)
-        return out, None
+        if self.prefill and not torch.compiler.is_compiling():
+            window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+            out = self._prefill_attention(
+                module, layer, query, key, value, attention_mask, scaling, causal, window
+            )
+            return out, None
+        prepared = self.decode_plans.get(layer)
+        if prepared is None:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        if torch.compiler.is_compiling():
+            offset, stats = 0, None  # a static cache: key slots are positions
+        else:
+            offset, stats = max(0, self.past + query.shape[2] - key.shape[2]), self.stats
+            if offset + key.shape[2] > prepared.length:  # a dynamic cache outgrew the folded plan
+                self.decode_length = max(2 * self.decode_length, offset + key.shape[2])
+                prepared = self._prepare(self.plans[layer], query, key, scaling)
+                self.decode_plans[layer] = prepared
+            if stats is not None:
+                self._count_rows(self.plans[layer], None, query.shape[2])
+        call = KernelCall(scaling=scaling, causal=causal, past=None, key_offset=offset, stats=stats)
+        return self.kernel.decode(query, key, value, attention_mask, prepared, call), None
+
+    def _prefill_attention(self, module, layer, query, key, value, attention_mask, scaling, causal, window):
+        """A prefill call: plan the layer (once per generation), let methods observe rows, run the plan."""
+        length = self.layout.prompt_len
+        if self.static and key.shape[2] > length:  # a static cache's empty slots after the prompt
+            key, value = key[:, :, :length], value[:, :, :length]
+            if torch.is_tensor(attention_mask):
+                attention_mask = attention_mask[..., :length]
+        if key.shape[2] != length or query.shape[2] != length:
+            raise MitigationError(
+                f"mitigate: layer {layer} got {query.shape[2]} queries and {key.shape[2]} keys at the "
+                f"prefill of a {self.layout.prompt_len}-token prompt; edits are planned over the whole prompt"
+            )
+        plan = self._plan(layer, query, key, scaling)
+        if plan is not None and plan.core and self.static and window and window < self.decode_length:
+            raise MitigationError(
+                f"mitigate: layer {layer} keeps a sliding window of {window} keys in a static cache of "
+                f"{self.decode_length}; once the window rolls, its key slots no longer map to positions, "
+                "which the per-key edits need. Use the default dynamic cache, or a static cache no longer "
+                "than the window."
+            )
+        call = KernelCall(scaling=scaling, causal=causal, past=0, stats=self.stats)
+        self._observe(layer, query, key, attention_mask, plan, call)
+        if plan is None:
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
+            return out
+        if self.stats is not None:
+            self._count_rows(plan, 0, query.shape[2])
+        return self.kernel.run(query, key, value, attention_mask, plan.to(query.device), call)
+
+    def _plan(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> LayerPlan | None:
+        if layer in self.plans:
+            return self.plans[layer]
+        ctx = PlanContext(layer_idx=layer, layout=self.layout, num_heads=query.shape[1])
+        stages = [
+            stage
+            for method, state in zip(self.methods, self.state, strict=True)
+            if layer in method.edited_layers()
+            for stage in method.plan(ctx, state)
+        ]
+        plan = LayerPlan.of(layer, self.layout.prompt_len, stages).to(query.device) if stages else None
+        if plan is not None and not self.static and all(s.rows.first >= NEVER for s in plan.stages):
+            plan = None  # nothing to do in this layer (host-side bound; static caches keep a fixed structure)
+        self.plans[layer] = plan
+        if plan is None:
+            self.decode_plans.pop(layer, None)
+        else:
+            previous = self.decode_plans.get(layer)
+            prepared = self._prepare(plan, query, key, scaling)
+            # a static cache keeps the storage of the last generation's folded plan, so that a compiled
+            # decode step (and its CUDA graph) sees the same tensors for the next prompt of this shape
+            self.decode_plans[layer] = (
+                previous if self.static and previous is not None and previous.refill(prepared) else prepared
+            )
+        return plan
+
+    def _prepare(self, plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, scaling: float):
+        return self.kernel.prepare(
+            plan,
+            length=self.decode_length,
+            dtype=query.dtype,
+            num_heads=query.shape[1],
+            num_kv_heads=key.shape[1],
+            scaling=scaling,
+        )
+
+    def _observe(self, layer, query, key, attention_mask, plan: LayerPlan | None, call: KernelCall) -> None:
+        """Methods that read some rows' final probabilities in this layer (GIFT's saliency) get them."""
+        for method, state in zip(self.methods, self.state, strict=True):
+            span = method.observe_rows(layer, state) if layer in method.edited_layers() else None
+            if span is None:
+                continue
+            index = torch.arange(span[0], span[1], device=query.device)
+            probs = probabilities(query, key, attention_mask, plan, replace(call, stats=None), index)
+            method.observe_probs(layer, probs, index, state)
+
+    def _count_rows(self, plan: LayerPlan, past: int | None, num_rows: int) -> None:
+        for stage in plan.stages:
+            rows = stage.rows.decode_on().sum() if past is None else stage.rows.count(past, num_rows)
+            self.stats.add(stage.method, plan.layer, edited_rows=rows)
 
     def _probe_attention(self, module, layer, query, key, value, attention_mask, dropout, scaling, **kwargs):
         out, _ = sdpa_attention_forward(
@@ -321,6 +430,21 @@ class Session:
             if method.needs_probe():
                 out = method.probe_output(layer, out, self.layout, state)
         return out, None
+
+
+def _cached_length(cache: Any) -> int:
+    """Tokens already in ``cache`` (an eager call: a static cache's count is read from the device)."""
+    if cache is None:
+        return 0
+    return int(cache.get_seq_length())
+
+
+def _static_length(cache: Any) -> int:
+    """How many key slots a static cache holds (the longest a generation on it can grow)."""
+    length = getattr(cache, "max_cache_len", None)
+    if length is None:
+        length = max(getattr(layer, "max_cache_len", 0) for layer in cache.layers)
+    return int(length)
 
 
 def methods_contrast(methods: list[Method]) -> list[tuple[float, float | None] | None]:

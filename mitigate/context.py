@@ -1,34 +1,51 @@
-"""Per-row token layout of a prompt: where the image, prefix and user query sit, and where generation starts.
+"""What every layer may know about the model and the prompt: the neutral types below api, session, methods,
+plans and kernels alike (nothing here imports any of them).
 
-Built once per prefill from ``input_ids`` (or placeholder embeddings) and the padding mask. Positions are
-indices into the key sequence, so left padding is part of them. Decode steps only append keys, which are
-neither image, prefix nor query tokens.
+* :class:`ModelInfo`: sizes and facts about the model that methods need, filled in by the family's adapter.
+* :class:`TokenLayout`: per row of a prompt batch, where the image, prefix and user query sit. Built once
+  per prefill from ``input_ids`` (or placeholder embeddings) and the padding mask. Positions are indices
+  into the key sequence, so left padding is part of them. Decode steps only append keys, which are neither
+  image, prefix nor query tokens.
+* :func:`extend_keys`: a per-key prompt tensor seen over the keys of one attention call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 
-class KeyBuffer:
-    """A per-key prompt tensor ``[..., T]`` seen over ``Nk >= T`` keys, padded with ``fill`` for generated
-    keys. Capacity grows geometrically, so decode steps get a view, not a new tensor each step."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """What methods may know about the model they edit."""
 
-    def __init__(self, prompt: torch.Tensor, fill: float | bool = 0, extra: int = 64):
-        self.prompt_len = prompt.shape[-1]
-        self.fill = fill
-        self._buffer = torch.nn.functional.pad(prompt, (0, extra), value=fill)
+    family: str
+    name_or_path: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    rms_norm_eps: float
+    image_token_id: int
+    vision_layers: int = 0
+    vision_feature_layer: int | None = None  # 0-based layer whose output becomes the image tokens
+    vision_has_cls: bool = False
+    features_drop_cls: bool = True
+    #: image tokens are one tower pass's patch features, in order (LLaVA-1.5); not with tiles (NeXT)
+    flat_image_features: bool = True
 
-    def get(self, num_keys: int, offset: int = 0) -> torch.Tensor:
-        """Values for the keys at positions ``offset .. offset + num_keys - 1`` (a sliding-window cache
-        keeps only the latest keys: ``offset`` is how many earlier positions it dropped)."""
-        end = offset + num_keys
-        if end > self._buffer.shape[-1]:
-            grow = max(end, 2 * self._buffer.shape[-1]) - self._buffer.shape[-1]
-            self._buffer = torch.nn.functional.pad(self._buffer, (0, grow), value=self.fill)
-        return self._buffer[..., offset:end]
+
+def extend_keys(prompt: torch.Tensor, fill: float | bool, num_keys: int, offset: int = 0) -> torch.Tensor:
+    """A per-key prompt tensor ``[..., T]`` over the keys at positions ``offset .. offset + num_keys - 1``:
+    generated keys (positions ``>= T``) get ``fill``; a sliding-window cache that dropped the first
+    ``offset`` positions sees only the rest."""
+    end = offset + num_keys
+    length = prompt.shape[-1]
+    if end > length:
+        prompt = torch.nn.functional.pad(prompt, (0, end - length), value=fill)
+    return prompt[..., offset:end]
 
 
 @dataclass
@@ -45,7 +62,6 @@ class TokenLayout:
     ids: torch.Tensor | None = None  # the prompt's token ids, when the model got ids (not embeddings)
     #: host-side: the first position after the image in every row that has one (prompt_len if none)
     after_image: int = 0
-    _buffers: dict[str, KeyBuffer] = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -57,16 +73,7 @@ class TokenLayout:
 
     def keys(self, name: str, num_keys: int, offset: int = 0) -> torch.Tensor:
         """Mask ``name`` over ``num_keys`` keys from position ``offset``; generated keys are False."""
-        if name not in self._buffers:
-            self._buffers[name] = KeyBuffer(getattr(self, name), fill=False)
-        return self._buffers[name].get(num_keys, offset)
-
-    @staticmethod
-    def keys_of(mask: torch.Tensor, num_keys: int) -> torch.Tensor:
-        """A prompt mask ``[B, T]`` cut or extended (with False) to ``num_keys`` keys."""
-        if num_keys <= mask.shape[1]:
-            return mask[:, :num_keys]
-        return torch.nn.functional.pad(mask, (0, num_keys - mask.shape[1]), value=False)
+        return extend_keys(getattr(self, name), False, num_keys, offset)
 
     def rows_after_image(self, positions: torch.Tensor) -> torch.Tensor:
         """bool ``[B, Nq]``: positions strictly after the row's last image token (False without image)."""

@@ -1,0 +1,48 @@
+"""Generation modes beyond greedy on a fresh cache: chunked prefill and cached prefixes are refused with a
+clear error (the methods read the whole prompt at its prefill); beam search works with PAI's contrast."""
+
+import kit
+import pytest
+import torch
+
+from mitigate import MitigationError, mitigated
+
+
+def test_chunked_prefill_is_refused(tiny, single):
+    model, _ = tiny
+    with mitigated(model, "pai"), pytest.raises(MitigationError, match="chunked prefill"):
+        model.generate(**single, max_new_tokens=2, do_sample=False, prefill_chunk_size=8)
+    # nothing is left behind: the plain model generates as before
+    model.generate(**single, max_new_tokens=2, do_sample=False)
+
+
+def test_prompt_continued_from_a_cached_prefix_is_refused(tiny, single):
+    model, _ = tiny
+    with mitigated(model, "var-tiny"), torch.no_grad():
+        out = model(**single, use_cache=True)
+        more = torch.tensor([[5, 6, 7]])
+        mask = torch.cat([single["attention_mask"], torch.ones_like(more)], dim=1)
+        with pytest.raises(MitigationError, match="cached prompt"):
+            model(input_ids=more, attention_mask=mask, cache=out.cache, use_cache=True)
+
+
+def test_beam_search_with_contrast(tiny, padded):
+    """PAI's image-free contrast doubles the batch inside the model; beam search reorders the cache by beam,
+    and the image-free rows must follow their prompt rows."""
+    model, processor = tiny
+    settings = {"max_new_tokens": 4, "do_sample": False}
+    with mitigated(model, "pai-released", processor=processor):
+        greedy = model.generate(**padded, **settings)
+        one_beam = model.generate(**padded, num_beams=1, **settings)
+        beams = model.generate(**padded, num_beams=3, num_return_sequences=3, **settings)
+        singles = [
+            model.generate(
+                **kit.row_inputs(padded, r, processor), num_beams=3, num_return_sequences=3, **settings
+            )
+            for r in range(padded["input_ids"].shape[0])
+        ]
+    assert torch.equal(greedy, one_beam)
+    assert beams.shape[0] == 3 * padded["input_ids"].shape[0]
+    new = beams[:, padded["input_ids"].shape[1] :]
+    for r, alone in enumerate(singles):  # each prompt's beams equal its beams searched alone
+        assert torch.equal(new[3 * r : 3 * r + 3], alone[:, -new.shape[1] :])
