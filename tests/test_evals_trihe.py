@@ -12,7 +12,7 @@ import torch
 import typer
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-from trihe_fixtures import DATA, FakeOpenAI, request_kind, write_trihe
+from trihe_fixtures import DATA, YES, FakeOpenAI, generic, request_kind, write_trihe
 from typer.testing import CliRunner
 
 from mitigate.evals.cli import register
@@ -30,7 +30,6 @@ from mitigate.evals.trihe import TriheTask, load_questions
 
 runner = CliRunner()
 KEY = "test-key-123"
-YES = '{"verdict": "yes", "error": null}'
 
 
 @pytest.fixture(autouse=True)
@@ -382,19 +381,6 @@ def test_local_judge_through_score_is_labelled_a_deviation(app, tmp_path):
 
 
 # ------------------------------------------------------------------------------ eval trihe + report
-
-
-def generic():
-    """Every answer claims the same two things; the first is supported, the second a relation error."""
-
-    def script(body):
-        kind, payload, _ = request_kind(body)
-        if kind == "extract":
-            return 200, '[["image", "shows", "scene"], ["thing", "near", "other"]]'
-        supported = json.loads(payload)[0] == "image"
-        return 200, YES if supported else '{"verdict": "no", "error": "relation"}'
-
-    return script
 
 
 def test_eval_trihe_end_to_end_resume_and_report(app, tmp_path):

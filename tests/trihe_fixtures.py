@@ -82,6 +82,8 @@ def completion(content: str) -> dict[str, Any]:
     }
 
 
+YES = '{"verdict": "yes", "error": null}'
+
 # A reply: (status, body) or (status, body, headers); body is a completion's text (status 200) or raw text.
 Reply = tuple[int, str] | tuple[int, str, dict[str, str]]
 
@@ -149,3 +151,16 @@ def request_kind(body: dict[str, Any]) -> tuple[str, str, bool]:
     if user.startswith("Answer:\n"):
         return "extract", user.removeprefix("Answer:\n"), retry
     return "judge", user.rsplit("Claim:\n", 1)[1], retry
+
+
+def generic():
+    """Every answer claims the same two things; the first is supported, the second a relation error."""
+
+    def script(body):
+        kind, payload, _ = request_kind(body)
+        if kind == "extract":
+            return 200, '[["image", "shows", "scene"], ["thing", "near", "other"]]'
+        supported = json.loads(payload)[0] == "image"
+        return 200, YES if supported else '{"verdict": "no", "error": "relation"}'
+
+    return script
