@@ -192,6 +192,13 @@ def test_judge_setup_problems_are_clear_errors(app, tmp_path, monkeypatch):
         result = invoke(app, "score", "trihe", "--data", data, "--answers", answers, "--no-progress",
                         "--judge-url", server.url + "/nope", "--judge-model", "m", code=2)  # fmt: skip
     assert "404" in result.output and "--judge-url" in result.output
+    monkeypatch.setenv("MITIGATE_JUDGE_API_KEY", KEY)
+    with FakeOpenAI(lambda body: (400, "unknown parameter: temperature"), key=KEY) as server:
+        result = invoke(app, "score", "trihe", "--data", data, "--answers", answers, "--no-progress",
+                        "--judge-url", server.url, "--judge-model", "o9", "--judge-concurrency", 1,
+                        code=2)  # fmt: skip
+        assert server.calls <= 4  # an endpoint that takes no request stops the run (8 extractions here)
+    assert "rejected the first 3 requests" in " ".join(result.output.split())
     answers.write_text(answers.read_text().split("\n", 1)[1])  # one answer missing
     result = invoke(app, "score", "trihe", "--data", data, "--answers", answers, "--judge-model", "m", code=2)
     assert "1 question(s) have no answer" in result.output

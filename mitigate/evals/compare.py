@@ -131,6 +131,7 @@ def run_compare(
                 if setting.label == "vanilla":
                     raise
                 skipped[setting.label] = str(error)
+                folders.pop(setting.label, None)
                 echo(f"  {setting.label}: skipped ({error})")
                 break
             main = results is not None

@@ -215,6 +215,7 @@ class ReplyCache:
         if self.path is not None and self.path.is_file():
             for _, record in iter_lines(self.path, skip_partial_tail=True):
                 self._replies.setdefault(record["key"], record["content"])
+            repair_tail(self.path)  # a line a killed run left unfinished
 
     def get(self, key: str) -> str | None:
         return self._replies.get(key)
@@ -222,9 +223,7 @@ class ReplyCache:
     def put(self, key: str, content: str, model: str) -> None:
         self._replies[key] = content
         if self.path is not None:
-            if not self.path.is_file():
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            repair_tail(self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             append_jsonl(self.path, [{"key": key, "model": model, "content": content}])
 
     def __len__(self) -> int:
@@ -262,6 +261,8 @@ class ChatEndpoint:
         self._client: Any = None
         self._sem: asyncio.Semaphore | None = None
         self._inflight: dict[str, asyncio.Future] = {}
+        self._answered = False  # any 200 yet: before one, requests the server rejects mean a setup problem
+        self._rejected = 0
 
     async def __aenter__(self) -> ChatEndpoint:
         import httpx
@@ -324,6 +325,7 @@ class ChatEndpoint:
                 else:
                     status = response.status_code
                     if status == 200:
+                        self._answered = True
                         return _content(response)
                     if status in (401, 403):
                         raise JudgeSetupError(
@@ -337,7 +339,16 @@ class ChatEndpoint:
                         )
                     problem = f"HTTP {status}: {_short(response.text)}"
                     if status != 429 and status != 408 and status < 500:
-                        raise JudgeCallError(problem)  # the request itself is wrong: retrying will not help
+                        # The request itself is wrong: retrying will not help. One odd request is a judge
+                        # error; every request rejected from the start is a setup problem (a model name
+                        # or parameter the server does not take), better stopped than counted 10,000 times.
+                        self._rejected += 1
+                        if not self._answered and self._rejected >= 3:
+                            raise JudgeSetupError(
+                                f"{url} rejected the first {self._rejected} requests ({problem}); check "
+                                f"--judge-model {self.model!r} and --judge-url"
+                            )
+                        raise JudgeCallError(problem)
                     wait = _retry_after(response)
             if attempt < self.max_retries:
                 if wait is None:
