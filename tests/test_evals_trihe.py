@@ -251,7 +251,7 @@ def test_reply_parsing_is_json_only():
     for bad in ['[["a", "b"]]', '[["a", "", "c"]]', '{"a": 1}', '[["a", null, "c"]]']:
         with pytest.raises(MalformedReply):
             parse_triplets(bad)
-    assert parse_verdict('{"verdict": " YES ", "error": "object"}') == ("yes", None)
+    assert parse_verdict('{"verdict": " Yes. ", "error": "object"}') == ("yes", None)
     assert parse_verdict('{"verdict": "no", "error": "Predicate"}') == ("no", "relation")
     assert parse_verdict('{"verdict": "no", "error": "object2"}') == ("no", "object")
     for bad in ['{"verdict": "no", "error": null}', '{"verdict": "unsure"}', '["yes"]']:

@@ -153,12 +153,12 @@ def parse_verdict(text: str | None) -> tuple[str, str | None]:
     value = parse_json_reply(text)
     if not isinstance(value, dict):
         raise MalformedReply(f"expected a JSON object, got {type(value).__name__}")
-    verdict = str(value.get("verdict", "")).strip().lower()
+    verdict = str(value.get("verdict", "")).strip(" .!'\"").lower()
     if verdict not in ("yes", "no"):
         raise MalformedReply(f"verdict must be 'yes' or 'no', got {value.get('verdict')!r}")
     if verdict == "yes":
         return "yes", None
-    error = str(value.get("error") or "").strip().lower()
+    error = str(value.get("error") or "").strip(" .!'\"").lower()
     if error in _OBJECT_PARTS:  # the released prompt's 'object1'/'object2' name the same thing
         return "no", "object"
     if error in _RELATION_PARTS:
@@ -265,7 +265,10 @@ class ChatEndpoint:
         self._rejected = 0
 
     async def __aenter__(self) -> ChatEndpoint:
-        import httpx
+        try:
+            import httpx
+        except ImportError:
+            raise ImportError("Tri-HE's judge client needs httpx: pip install 'mitigate[evals]'") from None
 
         self._sem = asyncio.Semaphore(self.concurrency)
         self._client = httpx.AsyncClient(timeout=self.timeout)
