@@ -399,10 +399,14 @@ def test_eval_trihe_end_to_end_resume_and_report(app, tmp_path):
                    "--image-root", images, "--method", method, "--max-new-tokens", 6, "--batch-size", 4,
                    "--no-progress", "--out", out, "--judge-url", server.url,
                    "--judge-model", "m")  # fmt: skip
+            if method == "vanilla":
+                judged = [b for b in server.requests if request_kind(b)[0] == "judge"]
         calls = server.calls
-        assert calls > 0
         results = json.loads((runs["vanilla"] / "results.json").read_text())
         records = read_jsonl(runs["vanilla"] / "samples.jsonl")
+        # Every answer claims the same two things: one judge call per (claim, image), however many
+        # questions of the image ask it at once.
+        assert len(judged) == 2 * len({r["image_id"] for r in records if r["text"].strip()})
         assert results["task"] == "trihe" and results["n_scored"] == 9 and results["n_errors"] == 0
         said = [r for r in records if r["text"].strip()]
         assert said, "the tiny model answered nothing"

@@ -300,6 +300,9 @@ class ChatEndpoint:
             self.cache.put(key, content, self.model)
             future.set_result(content)
             return content
+        except asyncio.CancelledError:
+            future.cancel()  # a future cannot hold a CancelledError as its exception
+            raise
         except BaseException as error:
             future.set_exception(error)
             future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
