@@ -2,9 +2,11 @@
 
 For vanilla and every method that ``mitigate.list_methods()`` reports at run time: the method's defaults
 for this model (layer ranges mapped to its 6 language layers, see SETTINGS) plus a small grid over its main
-strength parameter. Each setting runs POPE (3 splits, 900 questions each) and CHAIR (200 captions) through
-``mitigate.evals.evaluate`` (cached and resumable in ``--runs``), and is compared with vanilla by a paired
-bootstrap over the same questions / images. Writes ``toy_efficacy.json``, ``.md`` and ``.png``.
+strength parameter. It is one call of ``mitigate compare``'s engine
+(:func:`mitigate.evals.compare.run_compare`): each setting runs POPE (3 splits, 900 questions each) and
+CHAIR (200 captions), cached and resumable in ``--runs``, and is compared with vanilla by a paired
+bootstrap over the same questions / images; this script adds only the grid and the toy world's false-yes
+rates. Writes ``toy_efficacy.json``, ``.md`` and ``.png``.
 
 This is toy-world evidence: a 1.8M-parameter model trained on synthetic scenes where hallucination comes
 from one known cause (co-occurrence priors over partly hidden objects). A method that helps here may not
@@ -17,7 +19,6 @@ help a real VLM and the reverse; the table says what each method does in this wo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -29,10 +30,8 @@ import numpy as np
 
 from mitigate import list_methods
 from mitigate.builtin import toy_world
-from mitigate.evals.bootstrap import paired_bootstrap
 from mitigate.evals.coco import open_data
-from mitigate.evals.evaluate import RunConfig, evaluate
-from mitigate.evals.results import load_run
+from mitigate.evals.compare import Benchmark, Column, Setting, run_compare, write_compare
 from mitigate.evals.tasks import ChairTask, PopeTask
 
 MODEL = "builtin:toy-llava"
@@ -64,19 +63,27 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 DEFAULTS = {"var": 0.4, "gift": 5.0, "vhr": 2.0, "paint": 0.7, "pai": 0.5, "vaf": 1.15}
 
-# Columns of the tables: (key, header). Rates; "fyr" = false-yes rate = FP / (FP + TN).
+# The table's columns (rates); "fyr" = false-yes rate = FP / (FP + TN), from PopeFalseYes below.
 COLUMNS = [
-    ("pope.random.accuracy", "acc rand"),
-    ("pope.adversarial.accuracy", "acc adv"),
-    ("pope.mean_f1", "mean F1"),
-    ("fyr.random.false_yes", "FYR rand"),
-    ("fyr.adversarial.false_yes", "FYR adv"),
-    ("fyr.adversarial.false_yes_partner", "FYR adv partner"),
-    ("chair.chair_i", "CHAIR_i"),
-    ("chair.chair_s", "CHAIR_s"),
-    ("chair.recall", "recall"),
+    Column("pope.random.accuracy", "acc rand"),
+    Column("pope.adversarial.accuracy", "acc adv"),
+    Column("pope.mean_f1", "mean F1"),
+    Column("fyr.random.false_yes", "FYR rand", lower_is_better=True),
+    Column("fyr.adversarial.false_yes", "FYR adv", lower_is_better=True),
+    Column("fyr.adversarial.false_yes_partner", "FYR adv partner", lower_is_better=True),
+    Column("chair.chair_i", "CHAIR_i", lower_is_better=True),
+    Column("chair.chair_s", "CHAIR_s", lower_is_better=True),
+    Column("chair.recall", "recall"),
 ]
-LOWER_IS_BETTER = {"fyr", "chair.chair_i", "chair.chair_s"}
+NOTE = (
+    "Toy-world evidence only: a small LLaVA trained by this project on synthetic scenes in which "
+    "hallucination has one known cause (co-occurrence priors over partly hidden objects). It shows what each "
+    "method does to that failure, not how it does on real VLMs."
+)
+LEGEND = (
+    "FYR = false-yes rate on the split's absent objects; 'FYR adv partner' = on adversarial questions about "
+    "the absent partner of a present pair member."
+)
 _QUESTION = re.compile(r"^Is there an? (.+) in the image\?$")
 
 
@@ -110,162 +117,21 @@ class PopeFalseYes:
         return out
 
 
-def settings(methods: list[str]) -> list[dict[str, Any]]:
-    out = [{"label": "vanilla", "method": "vanilla", "sets": {}}]
+def settings(methods: list[str]) -> list[Setting]:
+    out = [Setting("vanilla")]
     for name in methods:
         spec = SETTINGS.get(name)
         if spec is None:  # a method added after this script: its defaults only
-            out.append({"label": f"{name} (defaults)", "method": name, "sets": {}, "default": True})
+            out.append(Setting(f"{name} (defaults)", name))
             continue
         for value in spec["grid"]:
-            sets = {**spec["fixed"], spec["param"]: value}
-            default = value == DEFAULTS.get(name)
-            label = f"{name} {spec['param']}={value}" + (" (default)" if default else "")
-            out.append({"label": label, "method": name, "sets": sets, "default": default})
+            default = " (default)" if value == DEFAULTS.get(name) else ""
+            out.append(
+                Setting(
+                    f"{name} {spec['param']}={value}{default}", name, {**spec["fixed"], spec["param"]: value}
+                )
+            )
     return out
-
-
-def run_one(task_name: str, setting: dict[str, Any], args, data) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._=-]+", "-", setting["label"]).strip("-")
-    out = args.runs / f"{task_name}-{slug}"
-    task = (PopeTask if task_name == "pope" else ChairTask)(data, limit=args.limit)
-    cfg = RunConfig(
-        model=args.model,
-        method=setting["method"],
-        sets=setting["sets"],
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens if task_name == "chair" else None,
-        out=out,
-        progress=False,
-    )
-    started = time.time()
-    results = evaluate(task, cfg)
-    print(f"  {task_name:5s} {setting['label']}: {time.time() - started:.0f}s", flush=True)
-    assert results is not None
-    return out
-
-
-def summarize(runs: dict[str, dict[str, Path]], args) -> dict[str, Any]:
-    base = {t: load_run(runs["vanilla"][t]) for t in ("pope", "chair")}
-    rows = []
-    for label, folders in runs.items():
-        pope_res, pope_rec = load_run(folders["pope"])
-        chair_res, chair_rec = load_run(folders["chair"])
-        comparisons = {
-            "pope": paired_bootstrap(PopeTask, base["pope"][1], pope_rec, resamples=args.resamples),
-            "fyr": paired_bootstrap(PopeFalseYes, base["pope"][1], pope_rec, resamples=args.resamples),
-            "chair": paired_bootstrap(ChairTask, base["chair"][1], chair_rec, resamples=args.resamples),
-        }
-        metrics = {}
-        for group, comp in comparisons.items():
-            for name, m in comp["metrics"].items():
-                metrics[f"{group}.{name}"] = {
-                    "value": m["method"],
-                    "ci": m["ci_method"],
-                    "delta": m["delta"],
-                    "delta_ci": m["ci"],
-                }
-        rows.append(
-            {
-                "label": label,
-                "method": pope_res["method"]["spec"],
-                "sets": pope_res["method"]["sets"],
-                "resolved": pope_res["method"]["resolved"],
-                "presets": pope_res["method"]["presets"],
-                "n_pope": pope_res["n_scored"],
-                "n_chair": chair_res["n_scored"],
-                "metrics": metrics,
-            }
-        )
-    return {"rows": rows}
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def markdown(report: dict[str, Any]) -> str:
-    rows = report["rows"]
-    lines = [
-        "# Toy-world efficacy: builtin:toy-llava on builtin:shapes",
-        "",
-        report["note"],
-        "",
-        f"Rates in %, with {int(100 * report['confidence'])}% bootstrap intervals ({report['resamples']} "
-        "resamples; POPE resampled within each split). FYR = false-yes rate on the split's absent objects; "
-        "'FYR adv partner' = on adversarial questions about the absent partner of a present pair member.",
-        "",
-        "## Values",
-        "",
-        "| setting | " + " | ".join(h for _, h in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
-    ]
-    for row in rows:
-        cells = []
-        for key, _ in COLUMNS:
-            m = row["metrics"][key]
-            cells.append(f"{pct(m['value'])} [{pct(m['ci'][0])}, {pct(m['ci'][1])}]")
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Change against vanilla (paired)",
-        "",
-        "Points; **bold** where the interval excludes 0 (better or worse). "
-        "For FYR and CHAIR lower is better.",
-        "",
-        "| setting | " + " | ".join(h for _, h in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
-    ]
-    for row in rows[1:]:
-        cells = []
-        for key, _ in COLUMNS:
-            m = row["metrics"][key]
-            text = f"{100 * m['delta']:+.1f} [{100 * m['delta_ci'][0]:+.1f}, {100 * m['delta_ci'][1]:+.1f}]"
-            significant = m["delta_ci"][0] > 0 or m["delta_ci"][1] < 0
-            cells.append(f"**{text}**" if significant else text)
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Settings", ""]
-    for row in rows[1:]:
-        lines.append(f"- {row['label']}: `{json.dumps(row['resolved'], sort_keys=True)}`")
-    if report["missing"]:
-        lines += [
-            "",
-            f"Methods without an entry in this script (defaults run): {', '.join(report['missing'])}.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    panels = [c for c in COLUMNS if c[0] in {k for k, _ in COLUMNS[1:]}]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), squeeze=False)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    colors = {m: plt.get_cmap("tab10").colors[i % 10] for i, m in enumerate(methods)}
-    for ax, (key, title) in zip(axes.flat, panels, strict=False):
-        for i, row in enumerate(rows):
-            m = row["metrics"][key]
-            value = 100 * m["value"]
-            err = [[value - 100 * m["ci"][0]], [100 * m["ci"][1] - value]]
-            ax.bar(i, value, color=colors[row["method"]], yerr=err, capsize=2)
-        ax.axhline(100 * rows[0]["metrics"][key]["value"], color="black", lw=0.8, ls="--")
-        lower = any(key.startswith(p) for p in LOWER_IS_BETTER)
-        ax.set_title(f"{title} ({'lower' if lower else 'higher'} is better)", fontsize=9)
-        ax.set_xticks(range(len(rows)), [r["label"].replace(" (default)", "*") for r in rows], rotation=60,
-                      ha="right", fontsize=6)  # fmt: skip
-        ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    fig.suptitle(
-        "builtin:toy-llava on builtin:shapes: toy-world evidence (95% bootstrap intervals; * = default)"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -291,25 +157,30 @@ def main() -> None:
     PopeFalseYes.objects = {
         img["file_name"]: set(data.objects()[i]) for i, img in data.coco("instances").imgs.items()
     }
+    benchmarks = [
+        Benchmark("pope", PopeTask(data, limit=args.limit), extra={"fyr": PopeFalseYes}),
+        Benchmark("chair", ChairTask(data, limit=args.limit), max_new_tokens=args.max_new_tokens),
+    ]
     started = time.time()
-    runs: dict[str, dict[str, Path]] = {}
-    for setting in settings(methods):
-        print(setting["label"], flush=True)
-        runs[setting["label"]] = {t: run_one(t, setting, args, data) for t in ("pope", "chair")}
-    report = summarize(runs, args)
+    report = run_compare(
+        args.model,
+        settings(methods),
+        benchmarks,
+        args.runs,
+        run_options={"batch_size": args.batch_size, "progress": False},
+        resamples=args.resamples,
+        columns=COLUMNS,
+    )
+    assert report is not None
+    note = NOTE
+    if missing and args.methods is None:
+        note += f" Methods this script has no grid for (defaults run): {', '.join(missing)}."
     report.update(
         {
-            "model": args.model,
             "data": DATA,
-            "note": (
-                "Toy-world evidence only: a small LLaVA trained by this project on synthetic scenes in "
-                "which hallucination has one known cause (co-occurrence priors over partly hidden objects). "
-                "It shows what each method does to that failure, not how it does on real VLMs."
-            ),
+            "note": note,
             "methods_available": available,
             "missing": [m for m in missing if args.methods is None],
-            "confidence": 0.95,
-            "resamples": args.resamples,
             "limit": args.limit,
             "chair_max_new_tokens": args.max_new_tokens,
             # cached settings are not rerun, so this is the time of this invocation only
@@ -323,11 +194,9 @@ def main() -> None:
             },
         }
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "toy_efficacy.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "toy_efficacy.md").write_text(markdown(report))
-    plot(report, args.out / "toy_efficacy.png")
-    print((args.out / "toy_efficacy.md").read_text())
+    title = "Toy-world efficacy: builtin:toy-llava on builtin:shapes"
+    paths = write_compare(report, args.out, name="toy_efficacy", title=title, note=note, legend=LEGEND)
+    print(paths["markdown"].read_text())
 
 
 if __name__ == "__main__":

@@ -288,10 +288,14 @@ def report(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``eval``, ``score`` and ``report`` to the main ``mitigate`` app."""
+    """Add ``eval``, ``score``, ``report`` and ``compare`` to the main ``mitigate`` app."""
+    from . import trihe_cli  # noqa: F401  (adds eval trihe and score trihe to the groups)
+    from .compare_cli import compare
+
     app.add_typer(eval_app, name="eval")
     app.add_typer(score_app, name="score")
     app.command("report")(report)
+    app.command("compare")(compare)
 
 
 def standalone() -> typer.Typer:

@@ -114,13 +114,14 @@ def evaluate(task: Task, cfg: RunConfig) -> dict[str, Any] | None:
         answers = {r["key"]: r["text"] for r in cache.load().values() if r.get("run") == key}
         messages = _gather_errors(out)
         keys = sample_keys(processor, samples, key)
-        records, failed = [], []
+        answered, failed = [], []
         for doc, sample in zip(docs, samples, strict=True):
             text = answers.get(keys[sample.id])
             if text is None:
                 failed.append({"sample_id": sample.id, "error": messages.get(sample.id, "no answer")})
             else:
-                records.append(task.process(doc, text))
+                answered.append((doc, text))
+        records = task.process_all(answered)
         write_jsonl(out / "errors.jsonl", failed)
         results = {
             "task": task.name,

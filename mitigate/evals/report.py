@@ -91,6 +91,8 @@ def compare_runs(
 
 def _scoring(results: dict[str, Any]) -> str:
     info = results["task_info"]
+    if info.get("judge"):  # Tri-HE: another judge (or prompt version) moves every number
+        return f"judge {info['judge']['label']}"
     if "parser" in info:
         return f"parser {info['parser']}"
     table = info.get("synonyms", {})

@@ -16,6 +16,8 @@ RESULTS = "results.json"
 SAMPLES = "samples.jsonl"
 MARKDOWN = "results.md"
 RATE_METRICS = {"accuracy", "precision", "recall", "f1", "yes_ratio", "mean_f1", "chair_s", "chair_i"}
+RATE_METRICS |= {"hallu_i", "hallu_q", "object_hallu_i", "object_hallu_q", "relation_hallu_i",  # Tri-HE
+                 "relation_hallu_q", "judge_error_rate"}  # fmt: skip
 
 
 def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -58,6 +60,8 @@ def run_markdown(results: dict[str, Any]) -> str:
     notes = f"\n{results['n_scored']} samples scored, {results['n_errors']} errors. Rates in %.\n"
     if results["task"] == "chair":
         notes += f"Synonym table: {results['task_info']['synonyms'].get('table')}.\n"
+    elif "note" in results["task_info"]:  # Tri-HE: the judge and what could not be scored
+        notes += results["task_info"]["note"] + "\n"
     else:
         notes += f"Parser: {results['task_info']['parser']}.\n"
     return title + markdown(headers, rows) + notes

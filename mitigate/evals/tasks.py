@@ -38,6 +38,10 @@ class Task(ABC):
     def process(self, doc: Any, text: str) -> dict[str, Any]:
         """One answer as a per-sample record (with ``sample_id``)."""
 
+    def process_all(self, pairs: list[tuple[Any, str]]) -> list[dict[str, Any]]:
+        """Every answer as a record; a task that scores answers together (Tri-HE's judge calls) overrides."""
+        return [self.process(doc, text) for doc, text in pairs]
+
     @abstractmethod
     def info(self) -> dict[str, Any]:
         """What the results must say about the data and scoring choices."""
@@ -248,6 +252,8 @@ TASKS: dict[str, type[Task]] = {"pope": PopeTask, "chair": ChairTask}
 
 
 def task_class(name: str) -> type[Task]:
+    from . import trihe  # noqa: F401  (registers "trihe"; imported here, as it imports this module)
+
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     return TASKS[name]
