@@ -70,9 +70,12 @@ class Contrast:
             kwargs["input_ids"], args = args[0], args[1:]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         # a compiled forward is a decode step (the prefill runs eagerly): nothing is read from the cache
-        prefill = not torch.compiler.is_compiling() and (cache is None or int(cache.get_seq_length()) == 0)
+        past = 0 if cache is None or torch.compiler.is_compiling() else int(cache.get_seq_length())
+        prefill = not torch.compiler.is_compiling() and past == 0
         mask = kwargs.get("attention_mask")
         bsz = ids.shape[0]
+        if mask is None and not prefill:  # generate drops the mask of unpadded batches (dynamic cache)
+            mask = torch.ones(bsz, past + ids.shape[1], dtype=torch.long, device=ids.device)
         if isinstance(mask, dict):
             raise MitigationError(
                 "mitigate: the image-free contrast (cfg_gamma) cannot pair per-layer-type masks (a static "
@@ -97,8 +100,6 @@ class Contrast:
             if self.twin_mask is None or self.twin_mask.shape[0] != bsz:
                 return None
             prompt = self.twin_mask.shape[1]
-            if mask is None:
-                raise MitigationError("mitigate: the image-free contrast needs the attention mask at decode")
             if mask.dim() == 2:
                 twin = torch.cat([self.twin_mask.to(mask.dtype), mask[:, prompt:]], dim=1)
             else:  # 4-D: the prompt's keys follow the twins' padding, later slots as the prompt rows
