@@ -122,16 +122,17 @@ def report(error: BaseException) -> int:
 def clean_errors() -> Iterator[None]:
     """Turn any exception into a short message and ``typer.Exit``; click's own exits and usage errors, and
     Ctrl-C, pass through unchanged. With ``MITIGATE_DEBUG=1`` everything passes through."""
-    from click.exceptions import ClickException, Exit
-
     try:
         yield
-    except (ClickException, Exit, typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
-        raise
     except Exception as error:
-        if debug_enabled():
+        if debug_enabled() or _is_click_exit(error):
             raise
         raise typer.Exit(report(error)) from None
+
+
+def _is_click_exit(error: BaseException) -> bool:
+    """click's exits and usage errors (recent typer ships its own copy of click: match by name)."""
+    return any(c.__name__ in {"ClickException", "Exit", "Abort"} for c in type(error).__mro__)
 
 
 class CleanGroup(TyperGroup):

@@ -97,6 +97,8 @@ class RunLock:
         return True
 
     def acquire(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RunFolderError(f"run folder {self.folder} is a file; give --out a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
