@@ -193,10 +193,10 @@ def _signed(name: str, value: float) -> str:
     return ("-" if value < 0 else "+") + text
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     """What a reader of the report needs: each method's change against the baseline, with its paired
     bootstrap interval, per metric (rates in percentage points on one shared axis; other metrics, such as
-    CHAIR's caption length, each on their own), and a line at zero."""
+    CHAIR's caption length, each on their own), and a line at zero. Returns the points drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,6 +214,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         len(panels), 1, figsize=(7.5, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
     )
     width = 0.7 / max(1, len(comps))
+    drawn: list[dict[str, Any]] = []
     for ax, (title, names, scale) in zip(axes[:, 0], panels, strict=True):
         for j, (label, comp) in enumerate(comps.items()):
             ys = [i - 0.35 + width * (j + 0.5) for i in range(len(names))]
@@ -224,6 +225,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 deltas, ys, xerr=[lows, highs], fmt="o", ms=4, capsize=3, color=colors[j % len(colors)],
                 label=label,
             )  # fmt: skip
+            drawn += [
+                {"metric": n, "method": label, "delta": d, "low": d - lo, "high": d + hi}
+                for n, d, lo, hi in zip(names, deltas, lows, highs, strict=True)
+            ]
         ax.axvline(0.0, color="0.4", lw=0.8)
         ax.set_yticks(range(len(names)), [f"{n} (n={report['n'][n]})" for n in names], fontsize=7)
         ax.set_ylim(len(names) - 0.5, -0.5)
@@ -244,6 +249,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn
 
 
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
