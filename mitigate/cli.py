@@ -166,7 +166,7 @@ def calibrate(
     top: Annotated[int, typer.Option(min=1, help="how many sink dims to recommend")] = 2,
     dtype: DtypeOpt = None,
     device_map: DeviceOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Print a model's massive-activation dims (VAR's sink_dims), from a few prompts."""
     from .calibrate import calibrate as run_calibration

@@ -53,7 +53,9 @@ def test_mismatched_runs_are_compared_on_their_common_samples(runs, tmp_path):
     assert [r["n_scored"] for r in report["runs"]] == [12, 6]
     assert report["n"]["random.accuracy"] == 2 and report["n"]["mean_f1"] == 6
     # The absolute figures too come from the shared samples only, not from all 12 of the vanilla run.
-    common = [r for r in read_jsonl(runs["full"] / "samples.jsonl") if r["sample_id"].split("/")[1] in ("1", "2")]
+    common = [
+        r for r in read_jsonl(runs["full"] / "samples.jsonl") if r["sample_id"].split("/")[1] in ("1", "2")
+    ]
     assert len(common) == 6
     assert report["runs"][0]["metrics"] == pytest.approx(flatten(PopeTask.aggregate(common)))
     comp = report["comparisons"]["vaf"]["metrics"]["mean_f1"]

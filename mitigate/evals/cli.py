@@ -60,7 +60,7 @@ def _splits(values: list[str] | None) -> list[str] | None:
 
 
 def _run_config(**kw: Any):
-    from ..cli import parse_sets
+    from ..method_options import parse_sets
     from .evaluate import RunConfig
 
     kw["sets"] = parse_sets(kw.pop("set_"))
