@@ -6,13 +6,15 @@ import json
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
+from .cli_errors import new_app
 from .evals.cli import register as register_evals
+from .method_options import is_vanilla, method_request, parse_method, parse_sets
 
-app = typer.Typer(
+# Every command runs under one error path (mitigate.cli_errors): bad input is one line, never a traceback.
+app = new_app(
     add_completion=False, no_args_is_help=True, help="Training-free hallucination mitigation for VLMs."
 )
 console = Console()
@@ -21,23 +23,12 @@ register_evals(app)  # eval, score, report
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:tiny-llava, a local folder or a HF id")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or auto")]
 DeviceOpt = Annotated[str | None, typer.Option("--device-map", help="e.g. cuda, cpu, auto")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a parameter: key=value, or method.key=value in a composition"),
+]
 
-
-def parse_sets(values: list[str] | None) -> dict[str, Any]:
-    """``key=value`` pairs; values are YAML (``3``, ``[1, 2]``, ``auto``, ``null``)."""
-    out: dict[str, Any] = {}
-    for item in values or []:
-        if "=" not in item:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def parse_method(spec: str) -> str | list[str]:
-    """``var`` or ``var,vhr`` (several methods, composed)."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    return parts[0] if len(parts) == 1 else parts
+__all__ = ["app", "parse_method", "parse_sets"]
 
 
 @app.command()
@@ -48,7 +39,7 @@ def run(
     prompt: Annotated[str, typer.Option(help="the user's question")] = "Describe this image in detail.",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 24,
     kernel: Annotated[str, typer.Option(help="auto, reference, torch, ...")] = "auto",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a parameter: key=value")] = None,
+    set_: SetOpt = None,
     dtype: DtypeOpt = None,
     device_map: DeviceOpt = None,
 ) -> None:
@@ -56,18 +47,29 @@ def run(
     import torch
 
     from .api import apply_mitigation
+    from .errors import ConfigError
     from .loading import chat_prompt, load_image, load_model, model_device
 
+    if is_vanilla(method):
+        raise ConfigError(
+            "mitigate run shows the vanilla answer beside a mitigated one: give a method to compare "
+            "(e.g. --method var; mitigate methods lists them)"
+        )
+    request = method_request(method, parse_sets(set_))  # names and values, before loading anything
+    picture = load_image(image)
     net, processor = load_model(model, dtype=dtype, device_map=device_map)
-    inputs = processor(images=load_image(image), text=chat_prompt(processor, prompt), return_tensors="pt")
+
+    def mitigate():
+        return apply_mitigation(net, request.spec, kernel=kernel, processor=processor, **request.overrides)
+
+    mitigate().remove()  # what depends on the model (layers, family), checked before generating anything
+    inputs = processor(images=picture, text=chat_prompt(processor, prompt), return_tensors="pt")
     inputs = inputs.to(model_device(net))
     start = inputs["input_ids"].shape[1]
     settings = {"max_new_tokens": max_new_tokens, "do_sample": False}
     with torch.no_grad():
         vanilla = net.generate(**inputs, **settings)
-        handle = apply_mitigation(
-            net, parse_method(method), kernel=kernel, processor=processor, **parse_sets(set_)
-        )
+        handle = mitigate()
         try:
             with handle.recording() as stats:
                 edited = net.generate(**inputs, **settings)
@@ -164,14 +166,14 @@ def calibrate(
     top: Annotated[int, typer.Option(min=1, help="how many sink dims to recommend")] = 2,
     dtype: DtypeOpt = None,
     device_map: DeviceOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Print a model's massive-activation dims (VAR's sink_dims), from a few prompts."""
     from .calibrate import calibrate as run_calibration
     from .loading import chat_prompt, load_image, load_model, model_device
 
-    net, processor = load_model(model, dtype=dtype, device_map=device_map)
     images = [load_image(i) for i in (image or ["builtin:sample"])]
+    net, processor = load_model(model, dtype=dtype, device_map=device_map)
     prompts = prompt or ["Describe this image in detail.", "Is there a person in the image?"]
     batches = [
         processor(images=img, text=chat_prompt(processor, p), return_tensors="pt").to(model_device(net))

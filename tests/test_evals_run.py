@@ -122,23 +122,16 @@ def test_cache_key_has_method_parameters_but_not_the_kernel(app, tmp_path):
         out,
     )
     assert len(lines(out / "predictions.jsonl")) == n
-    invoke(
-        app,
-        "eval",
-        "pope",
-        *MODEL,
-        "--method",
-        "var",
-        "--set",
-        "tau=3",
-        "--limit",
-        2,
-        "--split",
-        "random",
-        "--out",
-        out,
-    )
-    assert len(lines(out / "predictions.jsonl")) == 2 * n
+    # Another parameter value is another run: not into this folder (its results would be overwritten), and
+    # with these answers in its cache, it still generates every answer anew.
+    tau3 = ["eval", "pope", *MODEL, "--method", "var", "--set", "tau=3", "--limit", "2", "--split", "random"]
+    refused = runner.invoke(app, [*tau3, "--out", str(out)])
+    assert refused.exit_code == 2 and "holds another run" in refused.output and "tau" in refused.output
+    other = tmp_path / "var-tau3"
+    other.mkdir()
+    shutil.copy(out / "predictions.jsonl", other / "predictions.jsonl")
+    invoke(app, *tau3, "--out", other)
+    assert len(lines(other / "predictions.jsonl")) == 2 * n
     gen = GenerationConfig(8)
     model = {"model": "m"}
     assert run_key(model, {"var": {"tau": 1}}, gen) != run_key(model, {"var": {"tau": 2}}, gen)

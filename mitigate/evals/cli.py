@@ -7,8 +7,6 @@ what makes accelerate start N processes; they then share the work on the CPU).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,16 +14,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..cli_errors import clean_errors, new_app
+
 console = Console()
 
-eval_app = typer.Typer(no_args_is_help=True, help="Run a benchmark on a model, with or without a method.")
-score_app = typer.Typer(no_args_is_help=True, help="Score answers or captions produced anywhere.")
+eval_app = new_app(no_args_is_help=True, help="Run a benchmark on a model, with or without a method.")
+score_app = new_app(no_args_is_help=True, help="Score answers or captions produced anywhere.")
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="builtin:tiny-llava, builtin:toy-llava, a folder or a HF id")
 ]
 MethodOpt = Annotated[str, typer.Option(help="none/vanilla, a method or preset (var), or several (var,vhr)")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a method parameter: key=value")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a method parameter: key=value, or method.key=value (var,vhr)"),
+]
 KernelOpt = Annotated[str, typer.Option(help="auto, reference, torch, ... (not part of the cache key)")]
 DataOpt = Annotated[
     str | None, typer.Option("--data", help="builtin:sample (tiny COCO) or builtin:shapes (toy world)")
@@ -45,18 +48,9 @@ SynonymsOpt = Annotated[
 ]
 
 
-@contextmanager
-def _clean_errors() -> Iterator[None]:
-    """Known input problems end the command with one clear line instead of a traceback."""
-    from ..errors import MitigationError
-    from .coco import CocoSetupError
-    from .jsonl import JsonlError
-
-    try:
-        yield
-    except (CocoSetupError, JsonlError, FileNotFoundError, ImportError, MitigationError, ValueError) as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
+# Known input problems end a command with one clear line instead of a traceback (mitigate.cli_errors); the
+# ``mitigate`` app runs every command under it, this keeps the commands clean in an app of their own too.
+_clean_errors = clean_errors
 
 
 def _splits(values: list[str] | None) -> list[str] | None:
@@ -66,7 +60,7 @@ def _splits(values: list[str] | None) -> list[str] | None:
 
 
 def _run_config(**kw: Any):
-    from ..cli import parse_sets
+    from ..method_options import parse_sets
     from .evaluate import RunConfig
 
     kw["sets"] = parse_sets(kw.pop("set_"))
@@ -77,8 +71,15 @@ def _print_results(results: dict[str, Any]) -> None:
     from .results import metric_rows
 
     if not results.get("metrics"):
-        console.print("No sample could be scored.")
-        return
+        from ..errors import NothingScoredError
+
+        first = (results.get("errors") or [{}])[0].get("error", "")
+        where = f"; see {results['out']}/errors.jsonl" if "out" in results else ""
+        raise NothingScoredError(
+            f"no sample could be scored: all {results.get('n_errors', 0)} failed"
+            + (f" (the first: {first})" if first else "")
+            + where
+        )
     headers, rows = metric_rows(results["task"], results["metrics"])
     title = results["task"].upper()
     if "method" in results:
@@ -151,8 +152,8 @@ def eval_pope(
             progress=progress,
         )
         results = evaluate(task, cfg)
-    if results is not None:
-        _print_results(results)
+        if results is not None:
+            _print_results(results)
 
 
 @eval_app.command("chair")
@@ -211,8 +212,8 @@ def eval_chair(
             progress=progress,
         )
         results = evaluate(task, cfg)
-    if results is not None:
-        _print_results(results)
+        if results is not None:
+            _print_results(results)
 
 
 def _default_metrics_path(source: Path, task: str) -> Path:
@@ -236,9 +237,9 @@ def score_pope_cmd(
 
     with _clean_errors():
         result, _ = score_pope(questions, answers, parser)
-    path = out or _default_metrics_path(answers[0], "pope")
-    write_json(path, result)
-    _print_results(result)
+        path = out or _default_metrics_path(answers[0], "pope")
+        write_json(path, result)
+        _print_results(result)
     console.print(f"Metrics written to {path}")
 
 
@@ -259,9 +260,9 @@ def score_chair_cmd(
 
     with _clean_errors():
         result, _ = score_chair(captions, open_data(data, coco_root), synonyms)
-    path = out or _default_metrics_path(captions, "chair")
-    write_json(path, result)
-    _print_results(result)
+        path = out or _default_metrics_path(captions, "chair")
+        write_json(path, result)
+        _print_results(result)
     console.print(f"Metrics written to {path}")
 
 
@@ -282,7 +283,7 @@ def report(
 
     with _clean_errors():
         result = compare_runs(runs, baseline=baseline, resamples=resamples, seed=seed, confidence=confidence)
-    paths = write_report(result, out)
+        paths = write_report(result, out)
     typer.echo(report_markdown(result))
     console.print(f"Written: {', '.join(str(p) for p in paths.values())}")
 
@@ -300,6 +301,6 @@ def register(app: typer.Typer) -> None:
 
 def standalone() -> typer.Typer:
     """The eval commands on their own (``python -m mitigate.evals``)."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True, help="mitigate's evaluation suite.")
+    app = new_app(add_completion=False, no_args_is_help=True, help="mitigate's evaluation suite.")
     register(app)
     return app

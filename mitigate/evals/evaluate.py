@@ -11,14 +11,17 @@ from typing import Any
 import torch
 
 from .. import __version__
-from .cache import PredictionCache
-from .jsonl import iter_lines, write_jsonl
+from ..errors import ConfigError
+from ..method_options import VANILLA, is_vanilla, method_request
+from .cache import ERRORS, PredictionCache
+from .jsonl import scan_lines, write_jsonl
 from .parallel import Shard, barrier, current_shard, init_group, local_device
 from .results import write_run
+from .runfolder import RunLock, claim
 from .runner import GenerationConfig, generate_all, run_key, sample_keys
 from .tasks import Task
 
-VANILLA = ("none", "vanilla")
+__all__ = ["VANILLA", "RunConfig", "evaluate", "method_label"]
 
 
 @dataclass
@@ -37,7 +40,7 @@ class RunConfig:
 
 
 def method_label(method: str, sets: dict[str, Any]) -> str:
-    if method.strip().lower() in VANILLA:
+    if is_vanilla(method):
         return "vanilla"
     extra = ", ".join(f"{k}={v}" for k, v in sets.items())
     return f"{method} ({extra})" if extra else method
@@ -56,42 +59,59 @@ def default_out(task: str, model: str, method: str, sets: dict[str, Any]) -> Pat
 
 
 def _errors_file(out: Path, shard: Shard) -> Path:
-    return out / ("errors.jsonl" if shard.world == 1 else f"errors.rank{shard.rank}.jsonl")
+    # never errors.jsonl itself: that file also keeps the cache lines quarantined as corrupt
+    return out / f"errors.rank{shard.rank}.jsonl"
 
 
 def evaluate(task: Task, cfg: RunConfig) -> dict[str, Any] | None:
-    """Run (or resume) ``task``; returns the results on the main process, ``None`` on the others."""
-    from ..cli import parse_method
+    """Run (or resume) ``task``; returns the results on the main process, ``None`` on the others.
+
+    Everything that can be checked is checked before anything is generated: the method and its
+    parameters (names and values before the model is loaded, what depends on the model right after), the
+    data, and the run folder (locked for this run, and refused if it holds a different run)."""
     from ..loading import load_model
 
     shard = current_shard()
     init_group(shard)
-    out = cfg.out or default_out(task.name, cfg.model, cfg.method, cfg.sets)
-    vanilla = cfg.method.strip().lower() in VANILLA
+    out = Path(cfg.out or default_out(task.name, cfg.model, cfg.method, cfg.sets))
+    vanilla = is_vanilla(cfg.method)
     if vanilla and cfg.sets:
-        raise ValueError("--set needs a method; vanilla has no parameters")
+        raise ConfigError("--set needs a method; vanilla has no parameters")
+    request = None if vanilla else method_request(cfg.method, cfg.sets)
 
     docs = task.docs()
     task.check()
     samples = [task.sample(d) for d in docs]
 
-    # Default: this process's GPU when sharded, the GPU when there is one, else the CPU.
-    device_map = cfg.device_map or local_device(shard) or ("cuda" if torch.cuda.is_available() else None)
-    model, processor = load_model(
-        cfg.model, dtype=cfg.dtype, device_map=device_map, attn_implementation=cfg.attn_implementation
-    )
+    lock = RunLock(out) if shard.main else None  # the other processes write only their own files
+    if lock is not None:
+        lock.acquire()
     handle = None
-    if not vanilla:
-        from ..api import apply_mitigation
-
-        handle = apply_mitigation(
-            model, parse_method(cfg.method), kernel=cfg.kernel, processor=processor, **cfg.sets
-        )
     try:
+        # Default: this process's GPU when sharded, the GPU when there is one, else the CPU.
+        device_map = cfg.device_map or local_device(shard) or ("cuda" if torch.cuda.is_available() else None)
+        model, processor = load_model(
+            cfg.model, dtype=cfg.dtype, device_map=device_map, attn_implementation=cfg.attn_implementation
+        )
+        if request is not None:
+            from ..api import apply_mitigation
+
+            handle = apply_mitigation(
+                model, request.spec, kernel=cfg.kernel, processor=processor, **request.overrides
+            )
         methods = handle.methods if handle else {}
         generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens or task.default_max_new_tokens)
         model_info = {"model": cfg.model, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
         key = run_key(model_info, methods, generation)
+        if shard.main:
+            claim(
+                out,
+                task=task.name,
+                run_key=key,
+                label=method_label(cfg.method, cfg.sets),
+                settings={"model": model_info, "methods": methods, "generation": generation.as_dict()},
+            )
+        barrier(shard)  # the other processes generate once the folder is this run's
         cache = PredictionCache(out, shard)
         started = time.time()
         errors = generate_all(
@@ -122,7 +142,8 @@ def evaluate(task: Task, cfg: RunConfig) -> dict[str, Any] | None:
             else:
                 answered.append((doc, text))
         records = task.process_all(answered)
-        write_jsonl(out / "errors.jsonl", failed)
+        quarantined = _quarantined(out)
+        write_jsonl(out / ERRORS, quarantined + failed)
         results = {
             "task": task.name,
             "mitigate_version": __version__,
@@ -153,17 +174,29 @@ def evaluate(task: Task, cfg: RunConfig) -> dict[str, Any] | None:
     finally:
         if handle is not None:
             handle.remove()
+        if lock is not None:
+            lock.release()
+
+
+def _quarantined(out: Path) -> list[dict[str, Any]]:
+    """The corrupt cache lines ``errors.jsonl`` keeps (see :mod:`.cache`)."""
+    path = out / ERRORS
+    if not path.is_file():
+        return []
+    return [r for _, r in scan_lines(path, skip_partial_tail=True)[0] if "quarantined" in r]
 
 
 def _gather_errors(out: Path) -> dict[str, str]:
     """Per-sample error messages written by every process of this run."""
     messages: dict[str, str] = {}
     for path in sorted(out.glob("errors.rank*.jsonl")):
-        for _, record in iter_lines(path, skip_partial_tail=True):
-            messages[record["sample_id"]] = record["error"]
+        for _, record in scan_lines(path, skip_partial_tail=True)[0]:
+            if "sample_id" in record:
+                messages[record["sample_id"]] = str(record.get("error"))
         path.unlink()
-    path = out / "errors.jsonl"
+    path = out / ERRORS
     if path.is_file():
-        for _, record in iter_lines(path, skip_partial_tail=True):
-            messages.setdefault(record["sample_id"], record["error"])
+        for _, record in scan_lines(path, skip_partial_tail=True)[0]:
+            if "sample_id" in record:
+                messages.setdefault(record["sample_id"], str(record.get("error")))
     return messages

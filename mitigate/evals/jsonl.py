@@ -37,6 +37,34 @@ def iter_lines(path: Path, *, skip_partial_tail: bool = False) -> Iterator[tuple
         yield number, record
 
 
+def scan_lines(
+    path: Path, *, skip_partial_tail: bool = False
+) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, str, str]]]:
+    """Like :func:`iter_lines`, but a bad line does not stop the reading: returns ``(good, bad)``, with
+    ``(line number, record)`` per good line and ``(line number, text, what is wrong)`` per bad one."""
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    last = len(lines)
+    if skip_partial_tail and lines and lines[-1].strip():
+        last -= 1
+    good: list[tuple[int, dict[str, Any]]] = []
+    bad: list[tuple[int, str, str]] = []
+    for number, raw in enumerate(lines[:last], start=1):
+        text = raw.decode("utf-8", errors="replace").strip()
+        if not text:
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            bad.append((number, text, f"not valid JSON ({error.msg})"))
+            continue
+        if isinstance(record, dict):
+            good.append((number, record))
+        else:
+            bad.append((number, text, f"expected a JSON object, got {type(record).__name__}"))
+    return good, bad
+
+
 def read_jsonl(path: Path, *, required: tuple[str, ...] = (), skip_partial_tail: bool = False) -> list[dict]:
     path = Path(path)
     if not path.is_file():

@@ -1,5 +1,9 @@
 """``mitigate report``: several runs of one task compared with the vanilla run, with paired bootstrap CIs,
-as JSON, a Markdown table and a PNG plot of each metric by method."""
+as JSON, a Markdown table and a PNG plot of each method's change against the baseline.
+
+Only the samples that every run scored are used, for every figure (the absolute values too), and the
+report says how many that is (``n_common``) beside the figures; runs with no sample in common, or whose
+"same" sample ids are different questions or images, are refused."""
 
 from __future__ import annotations
 
@@ -20,6 +24,45 @@ def _label(results: dict[str, Any], folder: Path, taken: set[str]) -> str:
     return label if label not in taken else f"{label} [{folder.name}]"
 
 
+# Fields that say what a sample is: two runs' records of one sample_id must agree on them to be paired.
+IDENTITY = ("split", "question_id", "question", "label", "image", "image_id")
+
+
+def _common_records(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
+    """The sample ids every run scored, in the baseline's order, after checking that each is the same
+    sample in every run (same question, label, image); refuses runs with nothing in common."""
+    shared = set.intersection(*({r["sample_id"] for r in run["records"]} for run in runs))
+    if not shared:
+        sizes = ", ".join(f"{run['label']}: {len(run['records'])}" for run in runs)
+        raise ValueError(
+            f"the runs have no scored sample in common ({sizes} samples); compare runs over the same data"
+        )
+    first = {r["sample_id"]: r for r in base["records"]}
+    for run in runs:
+        if run is base:
+            continue
+        for record in run["records"]:
+            sid = record["sample_id"]
+            if sid not in shared:
+                continue
+            for name in IDENTITY:
+                if name in record and name in first[sid] and record[name] != first[sid][name]:
+                    raise ValueError(
+                        f"sample {sid} is not the same sample in {base['label']} and {run['label']} ({name}: "
+                        f"{first[sid][name]!r} vs {record[name]!r}): the runs were built from different data"
+                    )
+    return [r["sample_id"] for r in base["records"] if r["sample_id"] in shared]
+
+
+def _sample_counts(task: type, records: list[dict[str, Any]], metrics: list[str]) -> dict[str, int]:
+    """How many samples each figure is computed from: its stratum's (POPE: the split's), else all."""
+    strata: dict[str, int] = {}
+    for record in records:
+        stratum = task.stats(record)[0]
+        strata[stratum] = strata.get(stratum, 0) + 1
+    return {m: strata.get(m.split(".", 1)[0], len(records)) if "." in m else len(records) for m in metrics}
+
+
 def compare_runs(
     folders: list[Path],
     *,
@@ -28,6 +71,8 @@ def compare_runs(
     seed: int = 0,
     confidence: float = 0.95,
 ) -> dict[str, Any]:
+    """Every figure of the report, the absolute values included, is computed on the samples that all the
+    runs scored (``n_common``); samples that some run lacks are left out, and the report says how many."""
     runs = []
     taken: set[str] = set()
     for folder in folders:
@@ -64,17 +109,25 @@ def compare_runs(
         raise ValueError(
             f"the runs were scored differently ({'; '.join(sorted(scoring))}); rescore them alike"
         )
+    common = _common_records(runs, base)
+    keep = set(common)
+    for run in runs:
+        run["common"] = [r for r in run["records"] if r["sample_id"] in keep]
+    metrics = flatten(task.aggregate(base["common"]))
     report: dict[str, Any] = {
         "task": task.name,
         "baseline": base["label"],
         "models": sorted(models),
         "scoring": scoring.pop(),
+        "n_common": len(common),
+        "n": _sample_counts(task, base["common"], list(metrics)),
         "runs": [
             {
                 "label": r["label"],
                 "folder": r["folder"],
-                "metrics": flatten(r["results"]["metrics"]),
-                "n_scored": r["results"]["n_scored"],
+                "metrics": flatten(task.aggregate(r["common"])),
+                "n_scored": len(r["records"]),
+                "n_left_out": len(r["records"]) - len(common),
             }
             for r in runs
         ],
@@ -84,7 +137,7 @@ def compare_runs(
         if run is base:
             continue
         report["comparisons"][run["label"]] = paired_bootstrap(
-            task, base["records"], run["records"], resamples=resamples, seed=seed, confidence=confidence
+            task, base["common"], run["common"], resamples=resamples, seed=seed, confidence=confidence
         )
     return report
 
@@ -104,7 +157,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     metrics = list(report["runs"][0]["metrics"])
     rows = []
     for name in metrics:
-        row = [name]
+        row = [name, str(report["n"][name])]
         for run in report["runs"]:
             value = fmt(name, run["metrics"][name])
             comp = report["comparisons"].get(run["label"])
@@ -114,14 +167,20 @@ def report_markdown(report: dict[str, Any]) -> str:
                 value += f" ({_signed(name, m['delta'])} [{_signed(name, lo)}, {_signed(name, hi)}])"
             row.append(value)
         rows.append(row)
+    scored = ", ".join(f"{r['label']} {r['n_scored']}" for r in report["runs"])
+    left_out = any(r["n_left_out"] for r in report["runs"])
+    coverage = (
+        f"Every figure is computed on the {report['n_common']} samples all runs scored (scored: {scored}); "
+        + ("samples that some run lacks are left out. " if left_out else "every run scored exactly these. ")
+        + "n: the samples behind each figure (a POPE split's figures: that split's).\n\n"
+    )
     head = (
         f"# {report['task'].upper()}: methods against {report['baseline']}\n\n"
         f"Model(s): {', '.join(report['models'])}; scoring: {report['scoring']}. Rates in %. "
         "In brackets: the change against "
-        f"{report['baseline']} with its {_conf(report)} paired bootstrap interval over the samples both runs "
-        "scored.\n\n"
+        f"{report['baseline']} with its {_conf(report)} paired bootstrap interval.\n\n"
     )
-    return head + markdown(["metric", *labels], rows)
+    return head + coverage + markdown(["metric", "n", *labels], rows)
 
 
 def _conf(report: dict[str, Any]) -> str:
@@ -136,45 +195,63 @@ def _signed(name: str, value: float) -> str:
     return ("-" if value < 0 else "+") + text
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    """One panel per metric: a bar per method with its own bootstrap interval; the baseline first."""
+def plot(report: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    """What a reader of the report needs: each method's change against the baseline, with its paired
+    bootstrap interval, per metric (rates in percentage points on one shared axis; other metrics, such as
+    CHAIR's caption length, each on their own), and a line at zero. Returns the points drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["label"] for r in report["runs"]]
     metrics = list(report["runs"][0]["metrics"])
-    cols = min(5, len(metrics))
-    rows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    rates = [m for m in metrics if fmt(m, 1.0) == "100.00"]
+    panels = ([("change (percentage points)", rates, 100.0)] if rates else []) + [
+        (f"change ({m})", [m], 1.0) for m in metrics if m not in rates
+    ]
+    comps = report["comparisons"]
     colors = plt.get_cmap("tab10").colors
-    for ax, name in zip(axes.flat, metrics, strict=False):
-        scale = 100.0 if fmt(name, 1.0) == "100.00" else 1.0
-        for i, run in enumerate(report["runs"]):
-            value = run["metrics"][name] * scale
-            comp = report["comparisons"].get(run["label"])
-            if comp is None:  # the baseline: its interval from any comparison
-                comp = next(iter(report["comparisons"].values()), None)
-                ci = comp["metrics"][name]["ci_baseline"] if comp else None
-            else:
-                ci = comp["metrics"][name]["ci_method"]
-            err = None
-            if ci is not None:
-                err = [[max(0.0, value - ci[0] * scale)], [max(0.0, ci[1] * scale - value)]]
-            ax.bar(i, value, color=colors[i % len(colors)], yerr=err, capsize=3)
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
-        ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.axis("off")
+    heights = [max(1.6, 0.32 * len(names) * max(1, len(comps)) + 0.9) for _, names, _ in panels]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(7.5, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
+    width = 0.7 / max(1, len(comps))
+    drawn: list[dict[str, Any]] = []
+    for ax, (title, names, scale) in zip(axes[:, 0], panels, strict=True):
+        for j, (label, comp) in enumerate(comps.items()):
+            ys = [i - 0.35 + width * (j + 0.5) for i in range(len(names))]
+            deltas = [comp["metrics"][n]["delta"] * scale for n in names]
+            lows = [d - comp["metrics"][n]["ci"][0] * scale for d, n in zip(deltas, names, strict=True)]
+            highs = [comp["metrics"][n]["ci"][1] * scale - d for d, n in zip(deltas, names, strict=True)]
+            ax.errorbar(
+                deltas, ys, xerr=[lows, highs], fmt="o", ms=4, capsize=3, color=colors[j % len(colors)],
+                label=label,
+            )  # fmt: skip
+            drawn += [
+                {"metric": n, "method": label, "delta": d, "low": d - lo, "high": d + hi}
+                for n, d, lo, hi in zip(names, deltas, lows, highs, strict=True)
+            ]
+        ax.axvline(0.0, color="0.4", lw=0.8)
+        ax.set_yticks(range(len(names)), [f"{n} (n={report['n'][n]})" for n in names], fontsize=7)
+        ax.set_ylim(len(names) - 0.5, -0.5)
+        ax.set_xlabel(title, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", color="0.9")
+    if comps:
+        axes[0, 0].legend(fontsize=7, loc="best")
+    else:
+        axes[0, 0].text(
+            0.5, 0.5, "only the baseline: nothing to compare", ha="center", transform=axes[0, 0].transAxes
+        )
     fig.suptitle(
-        f"{report['task'].upper()} by method (bars: {_conf(report).split(',')[0]} bootstrap intervals)",
-        fontsize=10,
+        f"{report['task'].upper()}: change against {report['baseline']} "
+        f"({_conf(report).split(',')[0]} paired bootstrap intervals, {report['n_common']} shared samples)",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn
 
 
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:

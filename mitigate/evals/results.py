@@ -55,8 +55,12 @@ def markdown(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def run_markdown(results: dict[str, Any]) -> str:
-    headers, rows = metric_rows(results["task"], results["metrics"])
     title = f"# {results['task'].upper()}: {results['model']['model']}, {results['method']['label']}\n\n"
+    if not results["metrics"]:
+        return title + (
+            f"No sample could be scored: all {results['n_errors']} failed. The errors are in errors.jsonl.\n"
+        )
+    headers, rows = metric_rows(results["task"], results["metrics"])
     notes = f"\n{results['n_scored']} samples scored, {results['n_errors']} errors. Rates in %.\n"
     if results["task"] == "chair":
         notes += f"Synonym table: {results['task_info']['synonyms'].get('table')}.\n"

@@ -76,9 +76,9 @@ def generate_all(
     shard = shard or Shard()
     prompts = _prompts(processor, samples)
     keys = {sid: record_key(key, sid, prompt) for sid, prompt in prompts.items()}
+    cache.prepare()  # first: a corrupt line of ours is quarantined, so its sample counts as not done
     done = set(cache.load())
     pending = [s for s in shard.take(samples) if keys[s.id] not in done]
-    cache.prepare()
     errors: list[dict[str, Any]] = []
     device = model_device(model)
     dtype = next(model.parameters()).dtype
