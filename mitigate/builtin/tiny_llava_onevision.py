@@ -33,7 +33,14 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from .tiny_common import finish, token_id, without_missing_parts, word_tokenizer
 
 NAME = "builtin:tiny-llava-onevision"
-PAD, UNK, IM_START, IM_END, IMAGE, VIDEO = "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"
+PAD, UNK, IM_START, IM_END, IMAGE, VIDEO = (
+    "<|endoftext|>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<image>",
+    "<video>",
+)
 SPECIALS = [PAD, UNK, IM_START, IM_END, IMAGE, VIDEO]
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
@@ -90,7 +97,9 @@ def build_config(*, num_layers: int = 4, hidden_size: int = 64) -> LlavaOnevisio
     )
 
 
-def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> LlavaOnevisionForConditionalGeneration:
+def build_model(
+    seed: int = 0, *, std: float = 0.15, **config_kwargs
+) -> LlavaOnevisionForConditionalGeneration:
     tok = build_tokenizer()
     return finish(
         LlavaOnevisionForConditionalGeneration,
