@@ -1,4 +1,4 @@
-"""``tiny-qwen3.5``: a tiny random Qwen3.5 (``Qwen3_5ForConditionalGeneration``): hybrid linear/full attention.
+"""``tiny-qwen3.5``: a tiny random Qwen3.5 (``Qwen3_5ForConditionalGeneration``), hybrid linear/full layers.
 
 Tokens, processor and M-RoPE as Qwen3-VL (:mod:`.tiny_qwen3_vl`, interleaved sections); the chat template
 closes an empty think block after the assistant marker, as Qwen3.5 does with thinking off.
