@@ -94,15 +94,25 @@ def finish(cls, config, name: str, seed: int, std: float, language: str, *, pad_
     return model.eval()
 
 
+class MissingPart:
+    """Stands in for a sub-processor the tiny models do not use (a video processor needs torchvision), with
+    the attributes a processor reads from it even for images (SmolVLM's chat template reads ``num_frames``
+    and ``fps``)."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+
+
 def without_missing_parts(cls):
     """``cls`` (a processor class) accepting ``None`` for sub-processors it does not use here.
 
     Qwen-VL and Gemma 4 processors take a video processor (and Gemma 4 an audio feature extractor); in
     transformers 5.24 passing ``None`` fails when torchvision is absent (the class check cannot resolve
-    ``VideoProcessorMixin``). Images and text need neither, so the tiny processors leave them out."""
+    ``VideoProcessorMixin``). Images and text need neither, so the tiny processors leave them out (``None``
+    or a :class:`MissingPart`)."""
 
     def check_argument_for_proper_class(self, argument_name, argument):
-        if argument is None:
+        if argument is None or isinstance(argument, MissingPart):
             return None
         return cls.check_argument_for_proper_class(self, argument_name, argument)
 
