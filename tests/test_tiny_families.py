@@ -58,9 +58,12 @@ FAMILIES = {
     "idefics3": Family("tiny_idefics3", "Idefics3ForConditionalGeneration"),
     "paligemma": Family("tiny_paligemma", "PaliGemmaForConditionalGeneration", text_only_rows=False),
     "paligemma2": Family(
-        "tiny_paligemma", "PaliGemmaForConditionalGeneration", text_only_rows=False, build={"version": 2},
+        "tiny_paligemma",
+        "PaliGemmaForConditionalGeneration",
+        text_only_rows=False,
+        build={"version": 2},
         attn="eager",
-    ),  # fmt: skip
+    ),
     "mistral3": Family("tiny_mistral3", "Mistral3ForConditionalGeneration"),
 }
 
@@ -135,7 +138,8 @@ def check_layout(name: str, model, processor, batch) -> None:
         assert tokens(processor, ids, "<row_1_col_2>") == 1 and tokens(processor, ids, "<global-img>") == 1
     if name == "llava-onevision":
         base = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-        assert (ids[0] == model.config.image_token_id).sum() > base  # tiles and row newlines past the base view
+        # tiles and row newlines past the base view
+        assert (ids[0] == model.config.image_token_id).sum() > base
     if name == "mistral3":
         assert tokens(processor, ids, "[IMG_BREAK]") > 0 and tokens(processor, ids, "[IMG_END]") == 1
 
