@@ -16,7 +16,10 @@
   layers stay causal. Without ``mm_token_type_ids`` every mask is causal. 1-D positions.
 - Per-layer embeddings (``hidden_size_per_layer_input``, E2B/E4B) and KV sharing: the last
   ``num_kv_shared_layers`` layers reuse the keys/values of the last earlier layer of the same type (no
-  ``k_proj``; their cache slot is not written). The tiny model has both.
+  ``k_proj``; their cache slot is not written). The tiny model has both. Under ``generate``
+  (``logits_to_keep=1``) the shared layers get only the last query row at prefill (S_q = 1, S_k = prompt).
+- The vision attention modules also have ``layer_idx``: tell text from vision modules by the language model's
+  layers, not by that attribute. ``labels`` arrives in the attention kwargs (None).
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@
   an image (the processor refuses text-only calls).
 - ``token_type_ids``: 0 on the prefix (image + prompt + newline), 1 on a suffix (training labels) and on
   generated tokens. At prefill the mask lets the whole prefix attend bidirectionally (prefix-LM), the suffix
-  causally; at decode plain causal. Positions are 1-D and **1-indexed** (``position_ids + 1``).
+  causally; at decode plain causal. The text attention modules have ``is_causal=False``: without
+  ``token_type_ids`` an unpadded prefill gets ``mask=None`` and SDPA attends bidirectionally over the whole
+  prompt. Positions are 1-D and **1-indexed** (``position_ids + 1``). The processor also returns training
+  ``labels``, which must not reach ``generate``.
 - PaliGemma 2 (``version=2``): Gemma 2 text with alternating sliding/full layers and attention-logit
   soft-capping, which SDPA refuses: it runs with ``attn_implementation="eager"`` only, and a custom
   attention function receives ``softcap`` in its kwargs and must apply it.
@@ -39,6 +42,7 @@ EXTRA_WORDS = ["answer", "en", "caption", "detect"]
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+TEXT_ONLY_ROWS = False  # the processor needs an image in every row
 SLIDING_WINDOW = 16  # PaliGemma 2 only: shorter than the prefix, so sliding layers drop keys
 
 # Images first, then the task text (the processor adds <bos> after the images and "\n" at the end).
@@ -133,6 +137,3 @@ def load(seed: int = 0, dtype: torch.dtype | None = None):
     if dtype is not None:
         model = model.to(dtype)
     return model, build_processor()
-
-
-TEXT_ONLY_ROWS = False  # the processor needs an image in every row

@@ -5,6 +5,9 @@ facts). What differs is the vision tower ``model.model.visual``: RMSNorm + SwiGL
 in every block except ``fullatt_block_indexes`` (the tiny tower: block 0 windowed, block 1 full), and
 patches reordered by window before the blocks and restored after the 2x2 merger, so features still map 1:1,
 in raster order, onto the ``<|image_pad|>`` tokens. No CLS token.
+
+Unlike Qwen2-VL, 3-VL and 3.5 (which raise), a forward without ``mm_token_type_ids`` silently falls back to
+1-D positions: always pass them.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ Family facts (transformers 5.24; details in the project's family notes):
   image tokens get (t, row, col) offsets from the span start; after an image the index jumps to
   start + max(h, w)/merge. ``generate`` passes ``[4, B, T]`` (row 0 = plain text positions for the mask) at
   prefill and extends it by +1 per step; a bare forward derives decode positions from ``rope_deltas``
-  (stored on ``model.model``). No CLS token; 2x2 patch merge, features map 1:1 in order onto image tokens.
+  (stored on ``model.model``, overwritten by any prefill). The attention function's ``position_ids`` kwarg is
+  the 2-D text positions, never the M-RoPE ones (None in a bare forward). No CLS token; 2x2 patch merge,
+  features map 1:1 in raster order onto image tokens. Twin: drop the whole span and set its
+  ``mm_token_type_ids`` to 0; positions become plain ``arange``.
 """
 
 from __future__ import annotations
