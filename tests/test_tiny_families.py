@@ -164,3 +164,19 @@ def test_batched_left_padded_generation_equals_one_at_a_time(family):
             finite = torch.isfinite(step_1[0])
             assert torch.equal(finite, torch.isfinite(step_b[r]))
             assert (step_b[r][finite] - step_1[0][finite]).abs().max() <= 1e-4, f"row {r}"
+
+
+@torch.no_grad()
+def test_internvl_tower_has_a_peaked_cls_query():
+    """InternVL is the one family here whose tower has a CLS token (PAINT reads its attention to patches):
+    the tiny tower's CLS attention at the first layer is not uniform."""
+    from mitigate.builtin import tiny_internvl
+
+    model, processor = tiny_internvl.build_model(), tiny_internvl.build_processor()
+    pixels = encode(processor, [(kit.PROMPTS[0], [small_image()])])["pixel_values"]
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+    out = model.model.vision_tower(pixel_values=pixels, output_attentions=True)
+    patches = (tiny_internvl.IMAGE_SIZE // tiny_internvl.PATCH_SIZE) ** 2
+    assert out.last_hidden_state.shape[1] == 1 + patches  # CLS first
+    cls = out.attentions[0][0, :, 0, 1:].sum(0)
+    assert cls.max() > 2 * cls.mean()

@@ -117,8 +117,10 @@ def build_config(*, hidden_size: int = 64, kv_shared_layers: int = SHARED_KV_LAY
 
 
 def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> Gemma4ForConditionalGeneration:
+    """A tiny random Gemma 4; the tower's patch position table (initialised to ones: no spatial identity) is
+    re-drawn too."""
     tok = build_tokenizer()
-    return finish(
+    model = finish(
         Gemma4ForConditionalGeneration,
         build_config(**config_kwargs),
         NAME,
@@ -128,6 +130,10 @@ def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> Gemma4F
         pad_id=token_id(tok, PAD),
         eos_id=token_id(tok, EOS),
     )
+    table = model.model.vision_tower.patch_embedder.position_embedding_table
+    with torch.no_grad():
+        table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(seed + 2)) * 0.5)
+    return model
 
 
 def build_processor() -> Gemma4Processor:

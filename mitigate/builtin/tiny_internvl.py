@@ -20,7 +20,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Inter
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-from .tiny_common import finish, token_id, without_missing_parts, word_tokenizer
+from .tiny_common import finish, redraw, token_id, without_missing_parts, word_tokenizer
 
 NAME = "builtin:tiny-internvl"
 PAD, UNK, IM_START, IM_END = "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"
@@ -93,8 +93,11 @@ def build_config(*, num_layers: int = 4, hidden_size: int = 64) -> InternVLConfi
 
 
 def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> InternVLForConditionalGeneration:
+    """A tiny random InternVL. Besides the language re-draw, the tower's CLS token and position embeddings
+    (initialised to zeros, which makes the CLS attend uniformly to every patch) and its 2-D weights are
+    re-drawn, so the CLS-to-patch attention that PAINT reads is peaked as in a trained tower."""
     tok = build_tokenizer()
-    return finish(
+    model = finish(
         InternVLForConditionalGeneration,
         build_config(**config_kwargs),
         NAME,
@@ -104,6 +107,14 @@ def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> InternV
         pad_id=token_id(tok, PAD),
         eos_id=token_id(tok, IM_END),
     )
+    tower = model.model.vision_tower
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        tower.embeddings.cls_token.copy_(torch.randn(tower.embeddings.cls_token.shape, generator=gen))
+        positions = tower.embeddings.position_embeddings
+        positions.copy_(torch.randn(positions.shape, generator=gen) * 0.5)
+    redraw([tower.encoder], seed + 3, std)
+    return model
 
 
 def build_processor() -> InternVLProcessor:
