@@ -68,8 +68,6 @@ import triton.language as tl
 
 from .grouped_reference import check_call
 
-#: ``@triton.jit`` reads TRITON_INTERPRET when the kernels are defined, i.e. at import
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: at most this many query rows take the packed split-K decode path
 DECODE_MAX_ROWS = 16
 MAX_SPLITS = 16
@@ -477,29 +475,42 @@ def _merge_splits(
     LP,
     O,
     LSE,
+    num_rows,
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    """One program per (batch, row, head, set): merge the splits' normalised partials (contiguous
-    ``[..., NUM_SPLITS, DV]`` and ``[..., NUM_SPLITS]``), empty splits (``lse = -inf``) weigh 0."""
-    pid = tl.program_id(0).to(tl.int64)
+    """BLOCK_R (batch, row, head, set) states per program: merge the splits' normalised partials
+    (contiguous ``[..., NUM_SPLITS, DV]`` and ``[..., NUM_SPLITS]``); empty splits (``lse = -inf``)
+    weigh 0."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < NUM_SPLITS
-    lse = tl.load(LP + pid * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
-    m = _shift(tl.max(lse, 0))
-    w = tl.exp(lse - m)
-    total = tl.sum(w, 0)
     offs_d = tl.arange(0, BLOCK_DV)
+    r_ok = offs_r < num_rows
+    rs_ok = r_ok[:, None] & (offs_s[None, :] < NUM_SPLITS)
+    lse = tl.load(LP + offs_r[:, None] * NUM_SPLITS + offs_s[None, :], mask=rs_ok, other=float("-inf"))
+    m = _shift(tl.max(lse, 1))
+    w = tl.exp(lse - m[:, None])
+    total = tl.sum(w, 1)
     o = tl.load(
-        OP + (pid * NUM_SPLITS + offs_s[:, None]) * DV + offs_d[None, :],
-        mask=s_ok[:, None] & (offs_d[None, :] < DV),
+        OP + (offs_r[:, None, None] * NUM_SPLITS + offs_s[None, :, None]) * DV + offs_d[None, None, :],
+        mask=rs_ok[:, :, None] & (offs_d[None, None, :] < DV),
         other=0.0,
     )
     safe = tl.where(total > 0.0, total, 1.0)
-    tl.store(O + pid * DV + offs_d, tl.sum(w[:, None] * o, 0) / safe, mask=offs_d < DV)
-    tl.store(LSE + pid, tl.where(total > 0.0, m + tl.log(safe), float("-inf")))
+    out = tl.sum(w[:, :, None] * o, 1) / safe[:, None]
+    tl.store(O + offs_r[:, None] * DV + offs_d[None, :], out, mask=r_ok[:, None] & (offs_d[None, :] < DV))
+    tl.store(LSE + offs_r, tl.where(total > 0.0, m + tl.log(safe), float("-inf")), mask=r_ok)
+
+
+#: whether the kernels above run in Triton's CPU interpreter: ``@triton.jit`` read TRITON_INTERPRET when
+#: they were defined (at import)
+INTERPRET = type(_grouped_fwd).__name__ == "InterpretedFunction"
+#: triton.language's own jit helpers (tl.zeros, tl.max, ...) were defined when triton was first imported;
+#: if that was before TRITON_INTERPRET=1, interpreted kernels cannot call them (KERNELS.md lesson 2)
+_LANGUAGE_COMPILED = INTERPRET and any(type(f).__name__ == "JITFunction" for f in (tl.zeros, tl.max, tl.cdiv))
 
 
 # GPU configs. Registers: each set's accumulator costs BLOCK_M*BLOCK_DV/(32*warps) per thread (KERNELS.md).
@@ -659,6 +670,12 @@ def grouped_attention(
             "importing mitigate.kernels.triton_grouped (slow, for tests), or call "
             "mitigate.kernels.grouped_reference.grouped_reference (same signature)"
         )
+    if _LANGUAGE_COMPILED:
+        raise RuntimeError(
+            "grouped_attention: TRITON_INTERPRET=1 was set after triton was first imported (transformers "
+            "imports it), so triton.language is compiled but this module is interpreted; set it before "
+            "importing transformers or triton"
+        )
     batch, heads, num_queries, dim = query.shape
     kv_heads, num_keys, dim_v = key.shape[1], key.shape[2], value.shape[3]
     sets = call.num_sets
@@ -772,14 +789,20 @@ def grouped_attention(
         _grouped_fwd[grid](*args, **meta, **config)
 
     if num_splits > 1:
-        _merge_splits[(batch * num_queries * heads * sets,)](
+        block_s = max(2, _pow2(num_splits))
+        # a few thousand partial elements per program on a GPU; as many rows as fit in the interpreter
+        block_r = 64 if INTERPRET else max(1, min(16, 4096 // (block_s * block_dv)))
+        num_states = batch * num_queries * heads * sets
+        _merge_splits[(triton.cdiv(num_states, block_r),)](
             o_out,
             lse_out,
             o,
             lse,
+            num_states,
             DV=dim_v,
             BLOCK_DV=block_dv,
             NUM_SPLITS=num_splits,
-            BLOCK_S=max(2, _pow2(num_splits)),
+            BLOCK_S=block_s,
+            BLOCK_R=block_r,
         )
     return o, lse
