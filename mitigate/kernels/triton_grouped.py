@@ -238,6 +238,7 @@ def _grouped_fwd(
     HAS_SCALE: tl.constexpr,
     HAS_ABS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_EDIT: tl.constexpr,
     COEF_ROWWISE: tl.constexpr,
     HAS_ROWSTART: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
@@ -313,12 +314,11 @@ def _grouped_fwd(
     if HAS_ROWSTART:
         edit_row = pos.to(tl.int64) >= tl.load(ROWSTART + b64)
 
-    neg = float("-inf")
-    m0 = tl.full([BLOCK_M], neg, tl.float32)
-    m1 = tl.full([BLOCK_M], neg, tl.float32)
-    m2 = tl.full([BLOCK_M], neg, tl.float32)
-    m3 = tl.full([BLOCK_M], neg, tl.float32)
-    mx = tl.full([BLOCK_M], neg, tl.float32)
+    m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m3 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l0 = tl.zeros([BLOCK_M], tl.float32)
     l1 = tl.zeros([BLOCK_M], tl.float32)
     l2 = tl.zeros([BLOCK_M], tl.float32)
@@ -359,12 +359,15 @@ def _grouped_fwd(
             valid = tl.load(KVALID + b64 * s_mb + offs_n * s_mn, mask=n_ok, other=0)
             gid = tl.where(valid != 0, gid, -1)
 
-        if HAS_SCALE or HAS_ABS or HAS_BIAS:
+        if HAS_EDIT:  # one flag, not `A or B or C`: triton 3.0-3.1 reject chained booleans
             edited = t
             if HAS_SCALE:
-                edited = _load_coef(
-                    SCALE + b64 * s_sb, head_r, head0, offs_n, n_ok, row_ok, s_sh, s_sn, COEF_ROWWISE
-                ) * t
+                edited = (
+                    _load_coef(
+                        SCALE + b64 * s_sb, head_r, head0, offs_n, n_ok, row_ok, s_sh, s_sn, COEF_ROWWISE
+                    )
+                    * t
+                )
             if HAS_ABS:
                 edited += _load_coef(
                     ABS + b64 * s_ab, head_r, head0, offs_n, n_ok, row_ok, s_ah, s_an, COEF_ROWWISE
@@ -387,7 +390,7 @@ def _grouped_fwd(
             keep = keep & (offs_n[None, :] <= pos[:, None])
         if HAS_WINDOW:
             keep = keep & (offs_n[None, :] > pos[:, None] - window)
-        z = tl.where(keep, t, neg)
+        z = tl.where(keep, t, float("-inf"))
 
         v = tl.load(
             v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
@@ -451,7 +454,7 @@ def _grouped_fwd(
             inx = gid == EXTRA_GROUP
             if _present(inx):
                 xb = tl.load(XBIAS + b64 * s_xb + offs_n * s_xn, mask=n_ok, other=0.0)
-                zx = tl.where(inx[None, :], z + xb[None, :] * 1.4426950408889634, neg)
+                zx = tl.where(inx[None, :], z + xb[None, :] * 1.4426950408889634, float("-inf"))
                 mxn = tl.maximum(mx, tl.max(zx, 1))
                 px = tl.exp2(zx - _shift(mxn)[:, None])
                 mx, lx, accx = _accumulate(mx, mxn, lx, accx, px, v, IN_KIND, USE_DOT, UPCAST, IEEE)
@@ -763,6 +766,7 @@ def grouped_attention(
         HAS_SCALE=call.logit_scale is not None,
         HAS_ABS=call.logit_abs is not None,
         HAS_BIAS=call.logit_bias is not None,
+        HAS_EDIT=any(c is not None for c in coefs),
         COEF_ROWWISE=pack and ratio > 1 and any(c is not None and c.shape[1] > 1 for c in coefs),
         HAS_ROWSTART=call.edit_row_start is not None,
         HAS_KVLEN=call.kv_len is not None,
