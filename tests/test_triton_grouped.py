@@ -125,9 +125,10 @@ def test_gqa(ratio, nq):
     check(q, k, v, scaling=0.2, groups=vlm_groups(1, 90, image=15), num_groups=3, logit_scale=scale)
 
 
-@pytest.mark.parametrize("dim,dim_v", [(16, 16), (64, 64), (80, 80), (80, 48)])
-def test_head_dims(dim, dim_v):
-    q, k, v = qkv(1, 2, 1, 70, 70, dim=dim, dim_v=dim_v, seed=6)
+@pytest.mark.parametrize("dim,dim_v", [(16, 16), (64, 64), (80, 80), (96, 96), (256, 256), (80, 48)])
+@pytest.mark.parametrize("nq", [70, 1], ids=["prefill", "decode"])
+def test_head_dims(dim, dim_v, nq):
+    q, k, v = qkv(1, 2, 1, nq, 70, dim=dim, dim_v=dim_v, seed=6)
     check(q, k, v, scaling=dim**-0.5, groups=vlm_groups(1, 70, prefix=20), num_groups=3)
 
 
