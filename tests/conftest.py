@@ -4,6 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in its interpreter. @triton.jit reads TRITON_INTERPRET when a function
+# is defined, triton.language's own helpers included, and transformers imports triton: so set it before
+# anything below imports transformers.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
