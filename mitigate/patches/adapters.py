@@ -19,6 +19,9 @@ class Adapter:
     family: ClassVar[str]
     config_classes: ClassVar[tuple[str, ...]]
     text_config_key: ClassVar[str] = "text_config"
+    #: the language model's masks are causality, padding and sliding windows only (no bidirectional
+    #: image blocks, no prefix-LM), so kernels may rebuild them from the padding
+    plain_masks: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -161,6 +164,7 @@ class Gemma3Adapter(LlavaAdapter):
 
     family = "gemma3"
     config_classes = ("Gemma3Config",)
+    plain_masks = False  # image blocks attend bidirectionally
 
     def vision_feature_layer(self) -> int:
         return len(self._vision_layers()) - 1  # the tower's last layer, then pooling

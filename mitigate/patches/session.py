@@ -339,7 +339,10 @@ class Session:
                 self.decode_plans[layer] = prepared
             if stats is not None:
                 self._count_rows(self.plans[layer], None, query.shape[2])
-        call = KernelCall(scaling=scaling, causal=causal, past=None, key_offset=offset, stats=stats)
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        call = KernelCall(
+            scaling=scaling, causal=causal, past=None, key_offset=offset, stats=stats, window=window
+        )
         return self.kernel.decode(query, key, value, attention_mask, prepared, call), None
 
     def _prefill_attention(self, module, layer, query, key, value, attention_mask, scaling, causal, window):
@@ -362,7 +365,15 @@ class Session:
                 "which the per-key edits need. Use the default dynamic cache, or a static cache no longer "
                 "than the window."
             )
-        call = KernelCall(scaling=scaling, causal=causal, past=0, stats=self.stats)
+        call = KernelCall(
+            scaling=scaling,
+            causal=causal,
+            past=0,
+            stats=self.stats,
+            window=window,
+            key_valid=self.layout.valid,
+            plain_mask=self.adapter.plain_masks,
+        )
         self._observe(layer, query, key, attention_mask, plan, call)
         if plan is None:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
