@@ -119,7 +119,7 @@ def cases(draw):
     )
 
 
-def run_case(case, monkeypatch):
+def run_case(case, monkeypatch, kernels=("torch", "reference")):
     gen = torch.Generator().manual_seed(case["seed"])
     bsz, kvh, dim, prompt = case["bsz"], case["kv_heads"], case["dim"], case["prompt"]
     heads = kvh * case["ratio"]
@@ -146,12 +146,17 @@ def run_case(case, monkeypatch):
     if case["path"] == "grouped":  # grouped partial states wherever the plan allows them
         monkeypatch.setattr(torch_sdpa, "MAX_CHUNKS", 0)
     past = filled - nq
-    known = KernelCall(scaling=0.3, causal=causal, past=past)
+    valid = (torch.arange(nk)[None, :] >= torch.tensor(pad)[:, None]).to(DEVICE)
+    known = KernelCall(scaling=0.3, causal=causal, past=past, key_valid=valid, plain_mask=True)
     expected = reference_attention(q, k, v, mask, plan, known)
-    got = {"torch.run": get_kernel("torch").run(q, k, v, mask, plan, known)}
+    got = {
+        f"{name}.run": get_kernel(name).run(q, k, v, mask, plan, known)
+        for name in kernels
+        if name != "reference"
+    }
     if phase in ("decode", "static"):
         unknown = KernelCall(scaling=0.3, causal=causal, past=None)
-        for name in ("torch", "reference"):
+        for name in kernels:
             kernel = get_kernel(name)
             prepared = kernel.prepare(
                 plan, length=nk if static else nk + 3, dtype=q.dtype, num_heads=heads, num_kv_heads=kvh,
@@ -298,3 +303,32 @@ def test_decode_plan_covers_generated_keys():
     )
     assert isinstance(prepared, DecodePlan) and prepared.abs.shape[-1] == 16
     assert (prepared.abs[..., 6:] == 0).all() and (prepared.var.values[..., 6:, 0] == 1).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_kernel_every_kind(kind, monkeypatch):
+    """The fused kernel's executor (interpreted on CPU: TRITON_INTERPRET=1, see conftest) against the
+    reference: prefill (run), and decode with a dynamic and a static cache (prepare + decode)."""
+    pytest.importorskip("triton")
+    for seed, phase in enumerate(["prefill", "decode", "static"]):
+        case = {
+            **dict(bsz=2, kv_heads=2, ratio=2, dim=16, prompt=20, generated=2, phase=phase, causal=True),
+            **dict(padded=True, kind=kind, rows="suffix", per_head=seed == 1, dtype=torch.float32),
+            **dict(path="whole", seed=seed),
+        }
+        with monkeypatch.context() as patch:
+            run_case(case, patch, kernels=("triton",))
+
+
+def test_triton_kernel_takes_the_fused_path(monkeypatch):
+    """Plans the fused kernel can express never fall back to the torch kernel."""
+    pytest.importorskip("triton")
+    from mitigate.kernels import triton_plan
+
+    monkeypatch.setattr(triton_plan, "torch_attention", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(triton_plan, "torch_decode", lambda *a, **k: 1 / 0)
+    for kind in ("abs", "var", "gift", "abs+var", "scale"):
+        case = dict(bsz=2, kv_heads=2, ratio=2, dim=16, prompt=20, generated=2, causal=True, padded=True)
+        for phase in ("prefill", "decode"):
+            case.update(phase=phase, kind=kind, rows="suffix", per_head=False, dtype=torch.float32)
+            run_case({**case, "path": "whole", "seed": 1}, monkeypatch, kernels=("triton",))

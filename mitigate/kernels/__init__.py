@@ -20,6 +20,10 @@ from .torch_decode import DecodePlan
 from .torch_decode import decode as torch_decode
 from .torch_decode import prepare as torch_prepare
 from .torch_sdpa import torch_attention
+from .triton_plan import available as triton_available
+from .triton_plan import decode as triton_decode
+from .triton_plan import prepare as triton_prepare
+from .triton_plan import triton_attention
 
 
 @dataclass
@@ -44,6 +48,7 @@ def _reference_decode(query, key, value, mask, prepared: DecodePlan, call: Kerne
 _KERNELS: dict[str, Kernel] = {
     "reference": Kernel("reference", reference_attention, _reference_prepare, _reference_decode),
     "torch": Kernel("torch", torch_attention, torch_prepare, torch_decode),
+    "triton": Kernel("triton", triton_attention, triton_prepare, triton_decode),
 }
 
 
@@ -56,11 +61,18 @@ def available_kernels() -> list[str]:
 
 
 def resolve_kernel(name: str, device: torch.device | str | None = None) -> str:
-    """The concrete kernel name for ``name`` on ``device`` (``auto`` picks the fastest correct one)."""
+    """The concrete kernel name for ``name`` on ``device`` (``auto``: Triton on CUDA when installed, else
+    the torch kernel)."""
+    cuda = device is not None and torch.device(device).type == "cuda"
     if name == "auto":
-        return "torch" if "torch" in _KERNELS else "reference"
+        return "triton" if cuda and triton_available(device) else "torch"
     if name not in _KERNELS:
         raise ValueError(f"unknown kernel {name!r}; choose one of {available_kernels()}")
+    if name == "triton" and not triton_available(device):
+        raise ValueError(
+            "kernel='triton' needs triton and a CUDA device (pip install 'mitigate[triton]'); on a CPU it "
+            "runs only under TRITON_INTERPRET=1 (tests). kernel='torch' gives the same numbers anywhere."
+        )
     return name
 
 
