@@ -11,12 +11,14 @@ from rich.console import Console
 from rich.table import Table
 
 from .evals.cli import register as register_evals
+from .serve.cli import register as register_serve
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Training-free hallucination mitigation for VLMs."
 )
 console = Console()
 register_evals(app)  # eval, score, report
+register_serve(app)  # serve (needs the serve extra when run)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:tiny-llava, a local folder or a HF id")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or auto")]
