@@ -89,7 +89,9 @@ def user_message(prompt: str, image: Image.Image | None) -> list[dict[str, Any]]
 
 
 @torch.inference_mode()
-def library_answer(model, processor, prompt: str, image: Image.Image | None, spec: Any, max_tokens: int) -> str:
+def library_answer(
+    model, processor, prompt: str, image: Image.Image | None, spec: Any, max_tokens: int
+) -> str:
     """The library's greedy ``generate`` for one prompt under ``spec`` (``None``: no mitigation)."""
     text = chat_prompt(processor, prompt, with_image=image is not None)
     inputs = processor(images=[[image]] if image is not None else None, text=[text], return_tensors="pt")

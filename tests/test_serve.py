@@ -41,10 +41,30 @@ def local_dir(tmp_path_factory) -> Path:
 def server(tmp_path_factory, local_dir):
     port = free_port()
     args = [
-        "-m", "mitigate.cli", "serve", "--model", MODEL, "--port", str(port), "--method", "var",
-        "--max-batch", "8", "--batch-wait-ms", "300", "--max-tokens-limit", str(LIMIT), "--max-images", "2",
-        "--max-image-bytes", "60000", "--max-image-pixels", "250000", "--allow-local-files", str(local_dir),
-    ]  # fmt: skip
+        "-m",
+        "mitigate.cli",
+        "serve",
+        "--model",
+        MODEL,
+        "--port",
+        str(port),
+        "--method",
+        "var",
+        "--max-batch",
+        "8",
+        "--batch-wait-ms",
+        "300",
+        "--max-tokens-limit",
+        str(LIMIT),
+        "--max-images",
+        "2",
+        "--max-image-bytes",
+        "60000",
+        "--max-image-pixels",
+        "250000",
+        "--allow-local-files",
+        str(local_dir),
+    ]
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     with running(args, f"http://127.0.0.1:{port}/health", log):
         yield f"http://127.0.0.1:{port}"
@@ -62,8 +82,13 @@ def reference():
 
 def ask(client, prompt, image, *, mitigation=..., max_tokens=TOKENS, stream=False, **extra):
     body = {} if mitigation is ... else {"mitigation": mitigation}
-    kwargs = {"model": MODEL, "messages": user_message(prompt, image), "max_tokens": max_tokens,
-              "extra_body": body, **extra}  # fmt: skip
+    kwargs = {
+        "model": MODEL,
+        "messages": user_message(prompt, image),
+        "max_tokens": max_tokens,
+        "extra_body": body,
+        **extra,
+    }
     if not stream:
         return client.chat.completions.create(**kwargs).choices[0].message.content
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
@@ -88,9 +113,11 @@ def test_answers_equal_the_library(client, reference):
 
 def test_usage_and_echo(client):
     response = client.chat.completions.create(
-        model=MODEL, messages=user_message("Describe this image in detail.", sample_image()), max_tokens=TOKENS,
+        model=MODEL,
+        messages=user_message("Describe this image in detail.", sample_image()),
+        max_tokens=TOKENS,
         extra_body={"mitigation": PAI},
-    )  # fmt: skip
+    )
     assert response.choices[0].finish_reason == "length"
     assert response.usage.completion_tokens == TOKENS
     assert response.usage.total_tokens == response.usage.prompt_tokens + TOKENS
@@ -101,16 +128,22 @@ def test_concurrent_requests_equal_alone(client, server):
     """16 requests in flight at once over 3 mitigations (two of them the same method with other
     parameters), prompts of several lengths, some without an image, several max_tokens."""
     mitigations = [PAI, "vaf", {"pai": {"alpha": 3.0}}]
-    prompts = ["Is there a red circle in the image?", "Describe this image in detail.",
-               "What color is the square on the left of the picture?", "How many objects are there?"]  # fmt: skip
+    prompts = [
+        "Is there a red circle in the image?",
+        "Describe this image in detail.",
+        "What color is the square on the left of the picture?",
+        "How many objects are there?",
+    ]
     images: list[Image.Image | None] = [shapes_image(seed=s, count=2)[0] for s in range(3)] + [None]
-    jobs = [
-        (prompts[i % 4], images[(i // 2) % 4], mitigations[i % 3], 4 + i % 3) for i in range(16)
-    ]  # fmt: skip
+    jobs = [(prompts[i % 4], images[(i // 2) % 4], mitigations[i % 3], 4 + i % 3) for i in range(16)]
     before = get(f"{server}/health")[1]["batches"]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        together = list(pool.map(lambda j: ask(client, j[0], j[1], mitigation=j[2], max_tokens=j[3],
-                                               stream=bool(j[3] % 2)), jobs))  # fmt: skip
+        together = list(
+            pool.map(
+                lambda j: ask(client, j[0], j[1], mitigation=j[2], max_tokens=j[3], stream=bool(j[3] % 2)),
+                jobs,
+            )
+        )
     batches = get(f"{server}/health")[1]["batches"] - before
     alone = [ask(client, p, img, mitigation=m, max_tokens=n) for p, img, m, n in jobs]
     assert together == alone
@@ -138,8 +171,9 @@ def _error(call):
 )
 def test_bad_mitigation(client, server, mitigation, code):
     for stream in (False, True):
-        status, got = _error(lambda s=stream: ask(client, "Is there a cat?", sample_image(), mitigation=mitigation,
-                                                   stream=s))  # fmt: skip
+        status, got = _error(
+            lambda s=stream: ask(client, "Is there a cat?", sample_image(), mitigation=mitigation, stream=s)
+        )
         assert (status, got) == (400, code)
     assert get(f"{server}/health")[0] == 200
 
@@ -168,20 +202,29 @@ def test_bad_requests(client, server, local_dir):
             (413, "image_too_large"),
         ),
         "image too large (pixels)": (
-            lambda: _content(client, [user_message("x", Image.new("RGB", (600, 600)))[0]["content"][0], text]),
+            lambda: _content(
+                client, [user_message("x", Image.new("RGB", (600, 600)))[0]["content"][0], text]
+            ),
             (413, "image_too_large"),
         ),
-        "context": (lambda: _content(client, [url, {"type": "text", "text": "cat " * 480}], max_tokens=LIMIT),
-                    (400, "context_length_exceeded")),  # fmt: skip
+        "context": (
+            lambda: _content(client, [url, {"type": "text", "text": "cat " * 480}], max_tokens=LIMIT),
+            (400, "context_length_exceeded"),
+        ),
         "max_tokens over the limit": (
-            lambda: _content(client, [url, text], max_tokens=LIMIT + 1), (400, "max_tokens_exceeded")
+            lambda: _content(client, [url, text], max_tokens=LIMIT + 1),
+            (400, "max_tokens_exceeded"),
         ),
         "content type": (
-            lambda: _content(client, [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, text]),
+            lambda: _content(
+                client, [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, text]
+            ),
             (400, "unsupported_content_type"),
         ),
         "remote url": (
-            lambda: _content(client, [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}, text]),
+            lambda: _content(
+                client, [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}, text]
+            ),
             (400, "remote_url_refused"),
         ),
         "path outside the folder": (
@@ -193,7 +236,9 @@ def test_bad_requests(client, server, local_dir):
             (403, "path_not_allowed"),
         ),
         "not an image": (
-            lambda: _content(client, [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, text]),
+            lambda: _content(
+                client, [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, text]
+            ),
             (400, "invalid_image"),
         ),
         "unknown model": (
@@ -223,12 +268,28 @@ def test_bad_requests(client, server, local_dir):
 def test_local_files_under_the_folder(client, reference, local_dir):
     model, processor = reference
     part = {"type": "image_url", "image_url": {"url": str(local_dir / "sample.png")}}
-    answer = _content(client, [part, {"type": "text", "text": "Is there a red circle in the image?"}],
-                      extra_body={"mitigation": None}).choices[0].message.content  # fmt: skip
+    answer = (
+        _content(
+            client,
+            [part, {"type": "text", "text": "Is there a red circle in the image?"}],
+            extra_body={"mitigation": None},
+        )
+        .choices[0]
+        .message.content
+    )
     relative = {"type": "image_url", "image_url": {"url": "sample.png"}}
-    again = _content(client, [relative, {"type": "text", "text": "Is there a red circle in the image?"}],
-                     extra_body={"mitigation": None}).choices[0].message.content  # fmt: skip
-    expected = library_answer(model, processor, "Is there a red circle in the image?", sample_image(), None, TOKENS)
+    again = (
+        _content(
+            client,
+            [relative, {"type": "text", "text": "Is there a red circle in the image?"}],
+            extra_body={"mitigation": None},
+        )
+        .choices[0]
+        .message.content
+    )
+    expected = library_answer(
+        model, processor, "Is there a red circle in the image?", sample_image(), None, TOKENS
+    )
     assert answer == again == expected
 
 

@@ -1,4 +1,4 @@
-"""``attn_implementation="mitigate"``: load any supported model already mitigated, through transformers' own API.
+"""``attn_implementation="mitigate"``: load a supported model already mitigated, through transformers' API.
 
     from mitigate.integrations.transformers_attention import enable
     enable("var")                                            # the mitigation models get by default
@@ -87,7 +87,11 @@ def _requested(kwargs: dict[str, Any]) -> Any:
     if kwargs.get("attn_implementation") is not None:
         return kwargs["attn_implementation"]
     config = kwargs.get("config")
-    return getattr(config, "_attn_implementation", None) if config is not None and not isinstance(config, str) else None
+    return (
+        getattr(config, "_attn_implementation", None)
+        if config is not None and not isinstance(config, str)
+        else None
+    )
 
 
 def _wrap(load: Any) -> Any:

@@ -69,8 +69,8 @@ def serve_args(args: list[str]) -> list[str]:
             value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
             if value != "mitigate":
                 raise SystemExit(
-                    f"mitigate: --attn-implementation {value!r}: the launcher serves with mitigate's attention; "
-                    "drop the option or set it to mitigate"
+                    f"mitigate: --attn-implementation {value!r}: the launcher serves with mitigate's "
+                    "attention; drop the option or set it to mitigate"
                 )
             i += 1 if "=" in arg else 2
             continue

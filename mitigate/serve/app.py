@@ -67,13 +67,16 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), code="http_error").body(),
-                            status_code=exc.status_code)  # fmt: skip
+        return JSONResponse(
+            APIError(exc.status_code, str(exc.detail), code="http_error").body(), status_code=exc.status_code
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return JSONResponse(APIError(500, f"internal error: {exc}", code="internal_error").body(), status_code=500)
+        return JSONResponse(
+            APIError(500, f"internal error: {exc}", code="internal_error").body(), status_code=500
+        )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -100,8 +103,12 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             data = _decode_json(await _read_body(request, settings.max_request_bytes))
             body = parse_request(data)
             if body.model != settings.model_name:
-                raise APIError(404, f"model {body.model!r} is not served here; this server serves "
-                               f"{settings.model_name!r}", code="model_not_found", param="model")  # fmt: skip
+                raise APIError(
+                    404,
+                    f"model {body.model!r} is not served here; this server serves {settings.model_name!r}",
+                    code="model_not_found",
+                    param="model",
+                )
             spec = parse(data["mitigation"]) if "mitigation" in data else settings.default_spec
             label = spec.label()
             await run_in_threadpool(validator.validate, spec)
@@ -121,9 +128,10 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             raise
         if body.stream:
             return StreamingResponse(
-                _stream(job, body, rid, label, started), media_type="text/event-stream",
+                _stream(job, body, rid, label, started),
+                media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
-            )  # fmt: skip
+            )
         try:
             completion = await _wait(job)
         except APIError as exc:
@@ -156,38 +164,67 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             encoded = processor(images=[images] if images else None, text=[prompt], return_tensors="pt")
         except Exception as exc:  # the model's template or processor refused these messages
-            raise bad_request(f"the model's processor refused the messages: {exc}", code="invalid_messages",
-                              param="messages") from exc  # fmt: skip
+            raise bad_request(
+                f"the model's processor refused the messages: {exc}",
+                code="invalid_messages",
+                param="messages",
+            ) from exc
         prompt_tokens = int(encoded["input_ids"].shape[-1])
         window = settings.context_length
-        room = settings.max_tokens_limit if window is None else min(settings.max_tokens_limit, window - prompt_tokens)
+        room = (
+            settings.max_tokens_limit
+            if window is None
+            else min(settings.max_tokens_limit, window - prompt_tokens)
+        )
         max_tokens = body.new_tokens if body.new_tokens is not None else room
         if max_tokens > settings.max_tokens_limit:
-            raise bad_request(f"max_tokens {max_tokens} is over this server's limit of {settings.max_tokens_limit}",
-                              code="max_tokens_exceeded", param="max_tokens")  # fmt: skip
+            raise bad_request(
+                f"max_tokens {max_tokens} is over this server's limit of {settings.max_tokens_limit}",
+                code="max_tokens_exceeded",
+                param="max_tokens",
+            )
         if window is not None and prompt_tokens + max_tokens > window:
             raise bad_request(
-                f"this model's context is {window} tokens; the prompt has {prompt_tokens} and max_tokens asks "
-                f"for {max_tokens}",
+                f"this model's context is {window} tokens; the prompt has {prompt_tokens} and max_tokens "
+                f"asks for {max_tokens}",
                 code="context_length_exceeded",
                 param="messages",
             )
         if max_tokens < 1:
-            raise bad_request(f"the prompt ({prompt_tokens} tokens) fills the model's context of {window}",
-                              code="context_length_exceeded", param="messages")  # fmt: skip
+            raise bad_request(
+                f"the prompt ({prompt_tokens} tokens) fills the model's context of {window}",
+                code="context_length_exceeded",
+                param="messages",
+            )
         sampling = None
         if body.sampling:
             sampling = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
-        return Job(id=rid, spec=spec, prompt=prompt, images=images, prompt_tokens=prompt_tokens,
-                   max_tokens=max_tokens, stops=body.stops, stream=body.stream, sampling=sampling)  # fmt: skip
+        return Job(
+            id=rid,
+            spec=spec,
+            prompt=prompt,
+            images=images,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            stops=body.stops,
+            stream=body.stream,
+            sampling=sampling,
+        )
 
-    async def _stream(job: Job, body: ChatRequest, rid: str, label: str, started: float) -> AsyncIterator[str]:
+    async def _stream(
+        job: Job, body: ChatRequest, rid: str, label: str, started: float
+    ) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            payload = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                       "model": settings.model_name, "choices": [choice]}  # fmt: skip
+            payload = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": settings.model_name,
+                "choices": [choice],
+            }
             return f"data: {json.dumps(payload)}\n\n"
 
         try:
@@ -199,8 +236,14 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                 elif kind == "done":
                     yield chunk({}, value.finish_reason)
                     if body.stream_options is not None and body.stream_options.include_usage:
-                        payload = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                   "model": settings.model_name, "choices": [], "usage": _usage(job, value)}  # fmt: skip
+                        payload = {
+                            "id": rid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": settings.model_name,
+                            "choices": [],
+                            "usage": _usage(job, value),
+                        }
                         yield f"data: {json.dumps(payload)}\n\n"
                     yield "data: [DONE]\n\n"
                     _log(rid, label, 200, started, job, value)
@@ -219,14 +262,16 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is over the server's limit of {limit} bytes",
-                       code="request_too_large")  # fmt: skip
+        raise APIError(
+            413, f"the request body is over the server's limit of {limit} bytes", code="request_too_large"
+        )
     chunks, size = [], 0
     async for piece in request.stream():
         size += len(piece)
         if size > limit:
-            raise APIError(413, f"the request body is over the server's limit of {limit} bytes",
-                           code="request_too_large")  # fmt: skip
+            raise APIError(
+                413, f"the request body is over the server's limit of {limit} bytes", code="request_too_large"
+            )
         chunks.append(piece)
     return b"".join(chunks)
 
@@ -263,5 +308,13 @@ def _log(
     prompt = job.prompt_tokens if job is not None else 0
     completion = done.completion_tokens if done is not None else 0
     extra = f" finish={done.finish_reason} batch={done.batch_size}" if done is not None else ""
-    log.info("%s status=%d method=%s latency_ms=%.0f prompt_tokens=%d completion_tokens=%d%s",
-             rid, status, label, ms, prompt, completion, extra)  # fmt: skip
+    log.info(
+        "%s status=%d method=%s latency_ms=%.0f prompt_tokens=%d completion_tokens=%d%s",
+        rid,
+        status,
+        label,
+        ms,
+        prompt,
+        completion,
+        extra,
+    )

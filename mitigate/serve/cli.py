@@ -12,9 +12,14 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    model: Annotated[str, typer.Option("--model", "-m", help="builtin:tiny-llava, a local folder or a HF id")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="builtin:tiny-llava, a local folder or a HF id")
+    ],
     method: Annotated[
-        str, typer.Option(help="default mitigation when a request names none: a method or preset, var,vhr, or none")
+        str,
+        typer.Option(
+            help="default mitigation when a request names none: a method or preset, var,vhr, or none"
+        ),
     ] = "var",
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="a parameter of the default method: key=value")
@@ -31,7 +36,9 @@ def serve(
     batch_wait_ms: Annotated[
         float, typer.Option(min=0, help="how long a request waits for batch mates")
     ] = 10.0,
-    max_tokens_limit: Annotated[int, typer.Option(min=1, help="the most new tokens a request may ask for")] = 1024,
+    max_tokens_limit: Annotated[
+        int, typer.Option(min=1, help="the most new tokens a request may ask for")
+    ] = 1024,
     max_images: Annotated[int, typer.Option(min=0, help="images per request")] = 8,
     max_image_bytes: Annotated[int, typer.Option(min=1, help="encoded size of one image")] = 20 * 1024 * 1024,
     max_image_pixels: Annotated[int, typer.Option(min=1, help="width x height of one image")] = 40_000_000,
@@ -55,13 +62,26 @@ def serve(
     from .server import build, local_dir, run
 
     try:
-        limits = ImageLimits(max_images=max_images, max_bytes=max_image_bytes, max_pixels=max_image_pixels,
-                             local_dir=local_dir(allow_local_files))  # fmt: skip
+        limits = ImageLimits(
+            max_images=max_images,
+            max_bytes=max_image_bytes,
+            max_pixels=max_image_pixels,
+            local_dir=local_dir(allow_local_files),
+        )
         app = build(
-            model, method=method, params=parse_sets(set_), dtype=dtype, device_map=device_map, kernel=kernel,
-            served_model_name=served_model_name, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-            max_queue=max_queue, max_tokens_limit=max_tokens_limit, limits=limits,
-        )  # fmt: skip
+            model,
+            method=method,
+            params=parse_sets(set_),
+            dtype=dtype,
+            device_map=device_map,
+            kernel=kernel,
+            served_model_name=served_model_name,
+            max_batch=max_batch,
+            batch_wait_ms=batch_wait_ms,
+            max_queue=max_queue,
+            max_tokens_limit=max_tokens_limit,
+            limits=limits,
+        )
     except (ValueError, APIError) as exc:  # a bad option or default mitigation: say why, before serving
         raise typer.BadParameter(str(exc)) from exc
     run(app, host=host, port=port, log_level=log_level)

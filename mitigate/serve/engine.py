@@ -125,8 +125,9 @@ class Engine:
     def submit(self, job: Job) -> None:
         with self._cond:
             if sum(len(q) for q in self._pending.values()) >= self.max_queue:
-                raise APIError(503, "the server's queue is full; retry later", code="server_busy",
-                               type="server_error")  # fmt: skip
+                raise APIError(
+                    503, "the server's queue is full; retry later", code="server_busy", type="server_error"
+                )
             self._pending.setdefault(job.batch_key, deque()).append(job)
             self._cond.notify_all()
 
@@ -175,7 +176,9 @@ class Engine:
             for job in batch:  # retry alone whatever has not streamed yet
                 if job.streamed or tracker.finished(job):
                     if not tracker.finished(job):
-                        job.emit("error", APIError(500, f"generation failed: {exc}", code="generation_failed"))
+                        job.emit(
+                            "error", APIError(500, f"generation failed: {exc}", code="generation_failed")
+                        )
                     continue
                 job.solo = True
                 job.arrival = time.monotonic()

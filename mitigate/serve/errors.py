@@ -1,4 +1,4 @@
-"""Errors the server answers with an OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
+"""Errors answered with an OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
 
 from __future__ import annotations
 

@@ -47,9 +47,10 @@ def load_image(url: str, limits: ImageLimits) -> Image.Image:
         )
     if scheme not in ("", "file"):
         raise bad_request(
-            f"unsupported image URL scheme {scheme!r}; send a base64 data URL", code="invalid_image_url",
+            f"unsupported image URL scheme {scheme!r}; send a base64 data URL",
+            code="invalid_image_url",
             param="messages",
-        )  # fmt: skip
+        )
     return _decode(_local_bytes(url, limits), limits)
 
 
@@ -61,13 +62,17 @@ def _data_url_bytes(url: str, limits: ImageLimits) -> bytes:
         )
     mime = header[5:].split(";")[0]
     if mime and not mime.startswith("image/"):
-        raise bad_request(f"data URL of type {mime!r} is not an image", code="invalid_image", param="messages")
+        raise bad_request(
+            f"data URL of type {mime!r} is not an image", code="invalid_image", param="messages"
+        )
     if len(payload) * 3 // 4 > limits.max_bytes + 3:
         raise too_large(f"an image is larger than the server's limit of {limits.max_bytes} bytes")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise bad_request("an image data URL is not valid base64", code="invalid_image", param="messages") from exc
+        raise bad_request(
+            "an image data URL is not valid base64", code="invalid_image", param="messages"
+        ) from exc
 
 
 def _local_bytes(url: str, limits: ImageLimits) -> bytes:
@@ -84,11 +89,15 @@ def _local_bytes(url: str, limits: ImageLimits) -> bytes:
     path = (path if path.is_absolute() else root / path).resolve()  # resolve() follows symlinks
     if not path.is_relative_to(root):
         raise APIError(
-            403, f"image path {raw!r} is outside the allowed folder", code="path_not_allowed", param="messages"
+            403,
+            f"image path {raw!r} is outside the allowed folder",
+            code="path_not_allowed",
+            param="messages",
         )
     if not path.is_file():
-        raise bad_request(f"image file {raw!r} not found under the allowed folder", code="image_not_found",
-                          param="messages")  # fmt: skip
+        raise bad_request(
+            f"image file {raw!r} not found under the allowed folder", code="image_not_found", param="messages"
+        )
     if path.stat().st_size > limits.max_bytes:
         raise too_large(f"image {raw!r} is larger than the server's limit of {limits.max_bytes} bytes")
     return path.read_bytes()
@@ -112,4 +121,6 @@ def _decode(data: bytes, limits: ImageLimits) -> Image.Image:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise too_large(f"an image is too large to decode: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise bad_request(f"an image could not be decoded: {exc}", code="invalid_image", param="messages") from exc
+        raise bad_request(
+            f"an image could not be decoded: {exc}", code="invalid_image", param="messages"
+        ) from exc

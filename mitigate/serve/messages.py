@@ -33,13 +33,17 @@ def convert(messages: list[Message], limits: ImageLimits) -> tuple[list[dict[str
             if kind in TEXT_TYPES:
                 text = part.get("text")
                 if not isinstance(text, str):
-                    raise bad_request(f"{where}: a text part needs a string 'text'", code="invalid_request",
-                                      param=where)  # fmt: skip
+                    raise bad_request(
+                        f"{where}: a text part needs a string 'text'", code="invalid_request", param=where
+                    )
                 parts.append({"type": "text", "text": text})
             elif kind in IMAGE_TYPES:
                 if role != "user":
-                    raise bad_request(f"{where}: images are accepted in user messages only",
-                                      code="unsupported_content_type", param=where)  # fmt: skip
+                    raise bad_request(
+                        f"{where}: images are accepted in user messages only",
+                        code="unsupported_content_type",
+                        param=where,
+                    )
                 if len(images) >= limits.max_images:
                     raise bad_request(
                         f"too many images: this server takes at most {limits.max_images} per request",

@@ -57,7 +57,7 @@ class ChatRequest(BaseModel):
 
     @property
     def sampling(self) -> bool:
-        """Greedy unless a temperature above zero is asked for (omitted means greedy, as mitigate evaluates)."""
+        """Greedy unless a temperature above zero is asked for (omitted: greedy, as mitigate evaluates)."""
         return bool(self.temperature)
 
 
@@ -91,15 +91,20 @@ def parse_request(data: Any) -> ChatRequest:
         raise bad_request(f"{where}: {first['msg']}", code="invalid_request", param=where or None) from exc
     for name, neutral in UNSUPPORTED.items():
         if name in data and data[name] not in neutral:
-            raise bad_request(f"{name} is not supported by this server", code="unsupported_parameter", param=name)
+            raise bad_request(
+                f"{name} is not supported by this server", code="unsupported_parameter", param=name
+            )
     if request.n not in (None, 1):
-        raise bad_request("n must be 1: this server returns one choice", code="unsupported_parameter", param="n")
+        raise bad_request(
+            "n must be 1: this server returns one choice", code="unsupported_parameter", param="n"
+        )
     response_format = data.get("response_format")
     if response_format not in (None, {"type": "text"}):
         raise bad_request(
-            "response_format other than text is not supported", code="unsupported_parameter",
+            "response_format other than text is not supported",
+            code="unsupported_parameter",
             param="response_format",
-        )  # fmt: skip
+        )
     request.stops  # noqa: B018  (validates stop)
     return request
 

@@ -44,8 +44,9 @@ def build(
     net, processor = load_model(model, dtype=dtype, device_map=device_map)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"  # batched generation pads on the left
-    engine = Engine(net, processor, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
-                    kernel=kernel)  # fmt: skip
+    engine = Engine(
+        net, processor, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue, kernel=kernel
+    )
     settings = Settings(
         model_name=served_model_name or model,
         default_spec=spec,

@@ -97,11 +97,16 @@ def parse(field: Any) -> Spec:
         if "method" in field:
             extra = sorted(set(field) - {"method", "params"})
             if extra:
-                raise bad_request(f"unknown mitigation key(s) {extra}; use method and params",
-                                  code="invalid_mitigation", param=param)  # fmt: skip
+                raise bad_request(
+                    f"unknown mitigation key(s) {extra}; use method and params",
+                    code="invalid_mitigation",
+                    param=param,
+                )
             params = field.get("params") or {}
             if not isinstance(params, dict):
-                raise bad_request("mitigation.params must be an object", code="invalid_mitigation", param=param)
+                raise bad_request(
+                    "mitigation.params must be an object", code="invalid_mitigation", param=param
+                )
             inner = parse(field["method"])
             if params and len(inner.methods) != 1:
                 raise bad_request(
@@ -115,23 +120,28 @@ def parse(field: Any) -> Spec:
         items = []
         for name, params in field.items():
             if not isinstance(params, dict | type(None)):
-                raise bad_request(f"parameters of {name!r} must be an object", code="invalid_mitigation",
-                                  param=param)  # fmt: skip
+                raise bad_request(
+                    f"parameters of {name!r} must be an object", code="invalid_mitigation", param=param
+                )
             items.append((name, params or {}))
         return _from_items(items)
     raise bad_request(
-        "mitigation must be null, a method name, a list of names, or an object", code="invalid_mitigation",
+        "mitigation must be null, a method name, a list of names, or an object",
+        code="invalid_mitigation",
         param=param,
-    )  # fmt: skip
+    )
 
 
 def _from_items(items: list[tuple[str, dict[str, Any]]]) -> Spec:
     if not items:
-        raise bad_request("no method given; use null for no mitigation", code="invalid_mitigation",
-                          param="mitigation")  # fmt: skip
+        raise bad_request(
+            "no method given; use null for no mitigation", code="invalid_mitigation", param="mitigation"
+        )
     names = [name for name, _ in items]
     if len(set(names)) != len(names):
-        raise bad_request(f"a method is given twice in {names}", code="invalid_mitigation", param="mitigation")
+        raise bad_request(
+            f"a method is given twice in {names}", code="invalid_mitigation", param="mitigation"
+        )
     return Spec(tuple((name, _freeze(params)) for name, params in items))
 
 

@@ -31,7 +31,6 @@ from ...api import apply_mitigation
 from ...loading import load_model, model_device
 
 
-
 class MitigatedLMM(lmms):
     is_simple = True
 
@@ -138,7 +137,9 @@ class MitigatedLMM(lmms):
         settings: dict[str, Any] = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens", 1024))}
         beams = int(gen_kwargs.get("num_beams", 1) or 1)
         if beams > 1 and self.mitigation is not None:
-            raise NotImplementedError("mitigate: beam search with a mitigation is not supported; use num_beams=1")
+            raise NotImplementedError(
+                "mitigate: beam search with a mitigation is not supported; use num_beams=1"
+            )
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
         if temperature > 0:
             settings.update(do_sample=True, temperature=temperature, top_p=gen_kwargs.get("top_p"))
@@ -164,7 +165,8 @@ class MitigatedLMM(lmms):
                 continue
             if not isinstance(visual, Image.Image):
                 raise NotImplementedError(
-                    f"mitigate: task {task!r} gives a {type(visual).__name__} visual; only images are supported"
+                    f"mitigate: task {task!r} gives a {type(visual).__name__} visual; only images are "
+                    "supported"
                 )
             out.append(visual.convert("RGB"))
         return out
