@@ -54,6 +54,15 @@ def register() -> None:
         AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def unregister() -> None:
+    """Withdraw the name if it is still this module's stand-in (a live mitigation's function stays)."""
+    # transformers has no public call to unregister; mitigate's session removes its own the same way
+    if AttentionInterface._global_mapping.get(NAME) is unmitigated_attention:
+        AttentionInterface._global_mapping.pop(NAME, None)
+        if AttentionMaskInterface._global_mapping.get(NAME) is sdpa_mask:
+            AttentionMaskInterface._global_mapping.pop(NAME, None)
+
+
 def enable(
     method: MethodSpec = "var", *, kernel: str = "auto", force: bool = False, **overrides: Any
 ) -> None:
@@ -75,6 +84,7 @@ def disable() -> None:
         if original is not None:
             PreTrainedModel.from_pretrained = original
         _state.clear()
+        unregister()
 
 
 def enabled() -> bool:
