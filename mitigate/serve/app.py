@@ -161,8 +161,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         """Decode the images, apply the chat template, count the prompt's tokens and check the limits."""
         messages, images = convert(body.messages, settings.limits)
         try:
-            prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            encoded = processor(images=[images] if images else None, text=[prompt], return_tensors="pt")
+            with engine.processor_lock:
+                prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                encoded = processor(images=[images] if images else None, text=[prompt], return_tensors="pt")
         except Exception as exc:  # the model's template or processor refused these messages
             raise bad_request(
                 f"the model's processor refused the messages: {exc}",

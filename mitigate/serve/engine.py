@@ -99,6 +99,9 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        # A fast tokenizer is not safe to call from two threads while one sets padding ("Already borrowed"):
+        # the request threads and the worker take turns.
+        self.processor_lock = threading.Lock()
         self._pending: dict[str, deque[Job]] = {}
         self._cond = threading.Condition()
         self._stopping = False
@@ -137,8 +140,10 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
-            if batch:
+            try:
                 self._serve(batch)
+            except Exception:  # _serve answers its jobs itself; whatever escapes must not end the worker
+                log.exception("generation worker")
 
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
@@ -162,7 +167,7 @@ class Engine:
 
     def _serve(self, batch: list[Job]) -> None:
         self.batches += 1
-        tracker = Tracker(batch, self.tokenizer, self.eos)
+        tracker = Tracker(batch, self.tokenizer, self.eos, self.processor_lock)
         try:
             self._generate(batch, tracker)
         except MitigationError as exc:  # refused before the model was touched; the same for every job here
@@ -189,12 +194,14 @@ class Engine:
     @torch.inference_mode()
     def _generate(self, batch: list[Job], tracker: Tracker) -> None:
         nested = [job.images for job in batch]
-        inputs = self.processor(
-            images=nested if any(nested) else None,
-            text=[job.prompt for job in batch],
-            return_tensors="pt",
-            padding=True,
-        ).to(self.device)
+        with self.processor_lock:
+            inputs = self.processor(
+                images=nested if any(nested) else None,
+                text=[job.prompt for job in batch],
+                return_tensors="pt",
+                padding=True,
+            )
+        inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         spec = batch[0].spec
@@ -222,9 +229,10 @@ class Tracker(StoppingCriteria):
     """Per-row bookkeeping at every decoding step: collects each row's tokens, stops a row at its own
     limits, streams its text, and hands each finished row its completion at once."""
 
-    def __init__(self, jobs: list[Job], tokenizer: Any, eos: set[int]):
+    def __init__(self, jobs: list[Job], tokenizer: Any, eos: set[int], lock: threading.Lock):
         self.jobs = jobs
         self.tokenizer = tokenizer
+        self.lock = lock
         self.eos = eos
         self.tokens: list[list[int]] = [[] for _ in jobs]
         self.sent = ["" for _ in jobs]
@@ -262,7 +270,8 @@ class Tracker(StoppingCriteria):
                 self._finish(row, "length")
 
     def _decode(self, row: int) -> str:
-        return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        with self.lock:
+            return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
 
     def _stream(self, row: int, text: str) -> None:
         """Send the text that can no longer change: up to the last space or newline, never a possible
