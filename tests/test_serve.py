@@ -109,6 +109,11 @@ def test_answers_equal_the_library(client, reference):
     assert ask(client, prompt, image, mitigation=PAI, stream=True) == pai
     assert ask(client, prompt, image, mitigation=None) == vanilla
     assert ask(client, prompt, image, mitigation=None, stream=True) == vanilla
+    # a stop string ends the answer before it, streamed or not
+    assert "clock" in pai
+    cut = pai[: pai.index("clock")]
+    assert ask(client, prompt, image, mitigation=PAI, stop=["clock"]) == cut
+    assert ask(client, prompt, image, mitigation=PAI, stop="clock", stream=True) == cut
 
 
 def test_usage_and_echo(client):

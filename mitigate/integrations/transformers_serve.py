@@ -97,10 +97,18 @@ def main(argv: list[str] | None = None) -> None:
         key, value = item.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(value)
     args = serve_args(rest)
+    method = parse_method(opts.method)
 
+    from ..errors import UnknownMethodError
+    from ..methods import find_preset
     from .transformers_attention import enable
 
-    enable(parse_method(opts.method), kernel=opts.kernel, force=True, **overrides)
+    for name in [method] if isinstance(method, str) else list(method):
+        try:  # names now; parameters are checked against the model when it loads
+            find_preset(name)
+        except UnknownMethodError as exc:
+            parser.error(str(exc))
+    enable(method, kernel=opts.kernel, force=True, **overrides)
     from transformers.cli.transformers import app
 
     app(["serve", *args], prog_name="transformers")
