@@ -12,6 +12,7 @@ from rich.table import Table
 from .cli_errors import new_app
 from .evals.cli import register as register_evals
 from .method_options import is_vanilla, method_request, parse_method, parse_sets
+from .serve.cli import register as register_serve
 
 # Every command runs under one error path (mitigate.cli_errors): bad input is one line, never a traceback.
 app = new_app(
@@ -19,6 +20,7 @@ app = new_app(
 )
 console = Console()
 register_evals(app)  # eval, score, report
+register_serve(app)  # serve (needs the serve extra when run)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:tiny-llava, a local folder or a HF id")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or auto")]
