@@ -36,7 +36,7 @@ from .call import KernelCall
 
 @dataclass
 class VarDecode:
-    values: torch.Tensor  # [B, Hkv, L, 4] one-hot groups, the model dtype (SDPA values)
+    values: torch.Tensor  # [B, Hkv, L, 4] one-hot groups, fp32 (SDPA values)
     weights: torch.Tensor  # [B, 1, 4, 8 + 2] fp32: masses -> (numerators, denominators, gate columns)
     groups_t: torch.Tensor  # [B, 1, 4, L] fp32: per-group log factors -> per-key bias
 
@@ -170,7 +170,7 @@ def _prepare_var(rule: VarRule, length: int, dtype: torch.dtype, num_kv_heads: i
     off = ~rule.rows.decode_on()
     weights[off, :, 8] = -1.0  # a batch row the rule does not edit: the gate fails (-total < 0)
     return VarDecode(
-        values=onehot[:, None].to(dtype).expand(bsz, num_kv_heads, length, 4),
+        values=onehot[:, None].expand(bsz, num_kv_heads, length, 4),
         weights=weights[:, None],
         groups_t=onehot.transpose(1, 2)[:, None].contiguous(),
     )
@@ -181,7 +181,7 @@ def _prepare_gift(rule: GiftRule, length: int, dtype: torch.dtype, heads: int, k
     weights = extend_keys(rule.weights.float(), 1.0, length)
     image = (groups == rule.IMAGE).float()
     query = (groups == rule.QUERY).float()
-    eps = 1e-30 if dtype != torch.float16 else float(torch.finfo(torch.float16).tiny)
+    eps = 1e-30  # masses are computed in fp32
     values = torch.stack((image + eps, query + eps, image * weights + eps), dim=-1)  # [B, L, 3]
     bsz = values.shape[0]
     on = rule.rows.decode_on()[:, None].float()
@@ -189,7 +189,7 @@ def _prepare_gift(rule: GiftRule, length: int, dtype: torch.dtype, heads: int, k
     combine = torch.zeros(3, 3, 3, device=values.device)
     combine[0, 2, 1], combine[0, 0, 1] = 1.0, -1.0  # log g = log(sum_V weighted) - log(sum_V image)
     return GiftDecode(
-        values=values[:, None].to(dtype).expand(bsz, kv_heads, length, 3),
+        values=values[:, None].expand(bsz, kv_heads, length, 3),
         keep=rule.top_heads(heads),
         base=torch.zeros(bsz, heads, 1, 3, device=values.device),
         combine=combine,
@@ -259,13 +259,19 @@ def decode(
     return out * prep.head if prep.head is not None else out.contiguous()
 
 
+def _masses(q, key, values, attn, call: KernelCall, **share) -> torch.Tensor:
+    """Per-group masses of the row, ``[..., G]`` fp32: SDPA on one-hot (or weighted) group values. In
+    fp32 even for half-precision models, so that a gate or a head choice near its threshold decides as
+    the fp32 reference does."""
+    if q.dtype != torch.float32:
+        q, key = q.float(), key.float()
+        attn = attn.float() if attn is not None and attn.dtype != torch.bool else attn
+    return F.scaled_dot_product_attention(q, key, values, attn_mask=attn, scale=call.scaling, **share)
+
+
 def _var_bias(q, key, attn, var: VarDecode, call: KernelCall, nk: int, length: int) -> torch.Tensor:
     offset = call.key_offset
-    masses = F.scaled_dot_product_attention(
-        q, key, _keys(var.values, 2, nk, offset, length), attn_mask=attn, scale=call.scaling
-    )
-    if masses.dtype != torch.float32:
-        masses = masses.float()
+    masses = _masses(q, key, _keys(var.values, 2, nk, offset, length), attn, call)
     num, den, gate = (masses @ var.weights).split([4, 4, 2], dim=-1)
     factor = torch.where(gate.amin(-1, keepdim=True) >= 0, num / den, 1.0)
     bias = factor.log() @ _keys(var.groups_t, -1, nk, offset, length)
@@ -274,11 +280,7 @@ def _var_bias(q, key, attn, var: VarDecode, call: KernelCall, nk: int, length: i
 
 def _gift_bias(q, key, attn, gift: GiftDecode, call: KernelCall, nk: int, length: int, share: dict):
     offset = call.key_offset
-    masses = F.scaled_dot_product_attention(
-        q, key, _keys(gift.values, 2, nk, offset, length), attn_mask=attn, scale=call.scaling, **share
-    )  # [B, H, 1, 3]
-    if masses.dtype != torch.float32:
-        masses = masses.float()
+    masses = _masses(q, key, _keys(gift.values, 2, nk, offset, length), attn, call, **share)  # [B, H, 1, 3]
     # columns: the heads with the most image mass (V), query mass (Q), weighted image mass (unused)
     chosen = gift.base.scatter(1, masses.topk(gift.keep, dim=1).indices, 1.0)
     sums = torch.einsum("bhir,bhis->birs", chosen, masses)  # [B, 1, 3, 3]: chosen heads' summed masses
