@@ -1,5 +1,6 @@
 """One attention layer with LLaVA-1.5-7B shapes (32 heads, head dim 128) and VAR active: prefill and
-decode time and peak memory for vanilla SDPA, the reference kernel and the torch kernel, in one run.
+decode time and peak memory for vanilla SDPA, the reference kernel, the torch kernel and (on CUDA) the
+fused Triton kernel, in one run. Decode runs the plan folded once, as a generation does.
 
     python benchmarks/attention.py                      # CPU: T = 600, 1200 (reference only where it fits)
     python benchmarks/attention.py --device cuda        # GPU: T = 600, 2900, 8192
@@ -88,6 +89,9 @@ def main() -> None:
     seqs = args.seq or ([600, 2900, 8192] if gpu else [600, 1200])
     repeats = args.repeats or (20 if gpu else 3)
     ref_max = args.reference_max_seq or (8192 if gpu else 1200)
+    from mitigate.kernels import triton_available
+
+    kernels = ("vanilla", "reference", "torch", *(("triton",) if gpu and triton_available(device) else ()))
 
     rows = []
     for seq in seqs:
@@ -106,13 +110,13 @@ def main() -> None:
 
             case = build()
             result = {"seq": seq, "phase": phase}
-            for kernel in ("vanilla", "reference", "torch"):
+            for kernel in kernels:
                 if kernel == "reference" and seq > ref_max:
                     continue
                 seconds = time_call(runner(kernel, case), device, repeats=repeats, warmup=1 if not gpu else 3)
                 memory = peak_bytes(kernel, build, device) if gpu else cpu_peak(kernel, seq, phase, args)
                 result[kernel] = {"seconds": seconds, "peak_bytes": memory}
-            for kernel in ("reference", "torch"):
+            for kernel in kernels[1:]:
                 if kernel in result:
                     result[kernel]["time_vs_vanilla"] = (
                         result[kernel]["seconds"] / result["vanilla"]["seconds"]
@@ -137,7 +141,7 @@ def main() -> None:
     header = ("T", "phase", "kernel", "time", "x vanilla", "peak MiB", "x vanilla")
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, (6, 8, 10, 11, 10, 10, 10), strict=True)))
     for row in rows:
-        for kernel in ("vanilla", "reference", "torch"):
+        for kernel in kernels:
             if kernel not in row:
                 continue
             r = row[kernel]

@@ -159,7 +159,8 @@ class Config:
 def run_mode(model, inputs, mode: str, configs: list[Config], args, device) -> dict:
     extra: dict = {}
     if mode == "static":
-        compile_config = CompileConfig(backend=args.compile_backend, mode=args.compile_mode, fullgraph=True)
+        mode = None if args.compile_mode == "none" else args.compile_mode
+        compile_config = CompileConfig(backend=args.compile_backend, mode=mode, fullgraph=True)
         if device.type != "cuda":
             compile_config._compile_all_devices = True
         extra = {"cache_implementation": "static", "compile_config": compile_config}
@@ -263,7 +264,7 @@ def main() -> None:
     parser.add_argument("--kernel", default="auto")
     parser.add_argument("--methods", nargs="*", default=None, help="subset of: " + ", ".join(METHODS))
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--compile-mode", default="reduce-overhead")
+    parser.add_argument("--compile-mode", default="reduce-overhead", help="'none' for non-inductor backends")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (the .md and .png go beside it)")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -86,13 +86,21 @@ def var_case(
 
 
 def runner(kernel: str, case: Case) -> Callable[[], torch.Tensor]:
-    """A no-argument call of ``kernel`` on ``case``; ``vanilla`` is plain SDPA without the edit."""
+    """A no-argument call of ``kernel`` on ``case``; ``vanilla`` is plain SDPA without the edit. A decode
+    case (one query row) runs the plan folded once (``prepare``), as a generation does."""
     if kernel == "vanilla":
         return lambda: sdpa(case.query, case.key, case.value, case.mask, case.scaling, case.causal)
-    fn = get_kernel(kernel).run
-    past = case.key.shape[2] - case.query.shape[2]
-    call = KernelCall(scaling=case.scaling, causal=case.causal, past=past)
-    return lambda: fn(case.query, case.key, case.value, case.mask, case.plan, call)
+    fn = get_kernel(kernel)
+    q, k, v = case.query, case.key, case.value
+    if q.shape[2] == 1:
+        prepared = fn.prepare(
+            case.plan, length=k.shape[2], dtype=q.dtype, num_heads=q.shape[1], num_kv_heads=k.shape[1],
+            scaling=case.scaling,
+        )  # fmt: skip
+        call = KernelCall(scaling=case.scaling, causal=case.causal, past=None)
+        return lambda: fn.decode(q, k, v, case.mask, prepared, call)
+    call = KernelCall(scaling=case.scaling, causal=case.causal, past=k.shape[2] - q.shape[2], plain_mask=True)
+    return lambda: fn.run(q, k, v, case.mask, case.plan, call)
 
 
 def _sync(device: torch.device) -> None:
