@@ -232,8 +232,9 @@ class GiftRule:
 
 
 def top_heads(mass: torch.Tensor, keep: int) -> torch.Tensor:
-    """bool, the shape of ``mass [B, H, R]``: the ``keep`` heads with the largest mass per (batch, row)."""
-    index = mass.topk(keep, dim=1).indices
+    """bool, the shape of ``mass [B, H, R]``: the ``keep`` heads with the largest mass per (batch, row);
+    among equal masses the lower head index wins (a stable sort), so every kernel picks the same heads."""
+    index = mass.sort(dim=1, descending=True, stable=True).indices[:, :keep]
     return torch.zeros_like(mass, dtype=torch.bool).scatter_(1, index, True)
 
 

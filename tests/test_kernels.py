@@ -92,7 +92,9 @@ def make_plan(gen, kind, bsz, heads, prompt, row_style, per_head) -> LayerPlan:
             weights = torch.where(
                 groups == GiftRule.IMAGE, 1 + 4 * torch.rand(bsz, prompt, generator=gen), 1.0
             )
-            stages.append(GiftRule("gift", rows(), groups, weights, 0.5))
+            # GIFT edits the prompt's last row (and decode rows): earlier rows see only a few keys, where
+            # heads tie on their masses up to rounding and any kernel's choice among them is arbitrary
+            stages.append(GiftRule("gift", random_rows(gen, bsz, prompt, "last"), groups, weights, 0.5))
         elif part == "head":
             stages.append(HeadStage("vhr", rows(), 1 + torch.rand(bsz, heads, generator=gen)))
     return LayerPlan.of(3, prompt, stages).to(DEVICE)

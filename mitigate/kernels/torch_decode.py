@@ -13,7 +13,7 @@ decode row lies past the prompt, so each stage is on or off per batch row, and t
   bias gives ``p_j * factor_g / sum``, which is VAR's edit (the factors conserve mass, so the sum is 1);
 * a GIFT rule becomes one SDPA call for the per-head image, query and weighted-image masses (each shifted
   by a tiny ``eps`` so that the logs below never see 0; the shift changes no head choice and ``g`` by
-  ``eps/mass``), a top-k and a scatter that mark the chosen heads, one einsum that sums their masses,
+  ``eps/mass``), a stable sort and a scatter that mark the chosen heads, one einsum that sums their masses,
   and a per-key bias ``V_h*log S_j + Q_h*log g*[j in query]``;
 * head scales multiply the output.
 
@@ -282,7 +282,9 @@ def _gift_bias(q, key, attn, gift: GiftDecode, call: KernelCall, nk: int, length
     offset = call.key_offset
     masses = _masses(q, key, _keys(gift.values, 2, nk, offset, length), attn, call, **share)  # [B, H, 1, 3]
     # columns: the heads with the most image mass (V), query mass (Q), weighted image mass (unused)
-    chosen = gift.base.scatter(1, masses.topk(gift.keep, dim=1).indices, 1.0)
+    # equal masses: the lower head index wins (a stable sort), as in mitigate.plan.top_heads
+    order = masses.sort(dim=1, descending=True, stable=True).indices
+    chosen = gift.base.scatter(1, order[:, : gift.keep], 1.0)
     sums = torch.einsum("bhir,bhis->birs", chosen, masses)  # [B, 1, 3, 3]: chosen heads' summed masses
     # per head (V_h, Q_h * log g, 0): log g from the sums, then V_h from the offset (1, 0, 0)
     rows = torch.einsum("bhic,birs,rsc->bhic", chosen, sums.log(), gift.combine)
