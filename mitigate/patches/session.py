@@ -38,7 +38,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..context import TokenLayout, build_layout
 from ..errors import MitigationError
-from ..kernels import KernelCall, get_kernel, resolve_kernel
+from ..kernels import KernelCall, get_kernel, resolve_kernel, torch_attention
 from ..kernels.masks import padding_of
 from ..kernels.reference import probabilities
 from ..methods.base import Method, PlanContext
@@ -343,6 +343,9 @@ class Session:
         call = KernelCall(
             scaling=scaling, causal=causal, past=None, key_offset=offset, stats=stats, window=window
         )
+        if stats is not None:  # recording: the plan itself, on a path that reports what its rules did
+            plan = self.plans[layer].to(query.device)
+            return torch_attention(query, key, value, attention_mask, plan, call), None
         return self.kernel.decode(query, key, value, attention_mask, prepared, call), None
 
     def _prefill_attention(self, module, layer, query, key, value, attention_mask, scaling, causal, window):
