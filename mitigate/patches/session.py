@@ -42,7 +42,7 @@ from ..kernels import KernelCall, get_kernel, resolve_kernel, torch_attention
 from ..kernels.masks import padding_of
 from ..kernels.reference import probabilities
 from ..methods.base import Method, PlanContext
-from ..plan import NEVER, LayerPlan
+from ..plan import LayerPlan
 from ..stats import Stats
 from .adapters import Adapter
 from .contrast import Contrast
@@ -396,8 +396,11 @@ class Session:
             for stage in method.plan(ctx, state)
         ]
         plan = LayerPlan.of(layer, self.layout.prompt_len, stages).to(query.device) if stages else None
-        if plan is not None and not self.static and all(s.rows.first >= NEVER for s in plan.stages):
-            plan = None  # nothing to do in this layer (host-side bound; static caches keep a fixed structure)
+        idle = plan is not None and not any(bool(s.rows.decode_on().any()) for s in plan.stages)
+        if idle and not self.static:
+            # nothing to do in this layer for any row (one read per layer and prompt); a static cache keeps
+            # a fixed structure, so that the next prompt of this shape reuses the compiled graph
+            plan = None
         self.plans[layer] = plan
         if plan is None:
             self.decode_plans.pop(layer, None)
