@@ -46,3 +46,21 @@ def test_beam_search_with_contrast(tiny, padded):
     new = beams[:, padded["input_ids"].shape[1] :]
     for r, alone in enumerate(singles):  # each prompt's beams equal its beams searched alone
         assert torch.equal(new[3 * r : 3 * r + 3], alone[:, -new.shape[1] :])
+
+
+def test_decode_after_an_unmitigated_prefill_is_refused(tiny, single):
+    """A prompt prefilled inside ``disabled()`` has no plans: decoding it mitigated would silently skip the
+    edits, so it is refused (the first release fell back to plain attention without a word)."""
+    model, _ = tiny
+    with mitigated(model, "pai") as handle, torch.no_grad():
+        with handle.disabled():
+            out = model(**single, use_cache=True)
+        token = out.logits[:, -1].argmax(-1)[:, None]
+        mask = torch.cat([single["attention_mask"], torch.ones_like(token)], dim=1)
+        with pytest.raises(MitigationError, match="without a mitigated prefill"):
+            model(input_ids=token, attention_mask=mask, cache=out.cache, use_cache=True)
+        # a whole generation inside the block is plain, and one after it is mitigated again
+        with handle.disabled():
+            plain = model.generate(**single, max_new_tokens=2, do_sample=False)
+        model.generate(**single, max_new_tokens=2, do_sample=False)
+    assert torch.equal(plain, model.generate(**single, max_new_tokens=2, do_sample=False))

@@ -105,6 +105,7 @@ class Session:
         self.decode_plans: dict[int, Any] = {}  # the same, folded by the kernel for decode steps
         self.decode_length = 0  # keys the folded plans cover
         self.static = False  # the generation runs on a static (compilable) cache
+        self._last_decode: dict[int, Any] = {}
         self.state: list[dict[str, Any]] = [{} for _ in methods]
         self.probing = False
         self._edited = {layer for m in methods for layer in m.edited_layers()}
@@ -158,7 +159,7 @@ class Session:
             self.model.set_attn_implementation(self._previous)
             self._previous = {}
         self.layout = None
-        self.plans, self.decode_plans = {}, {}
+        self.plans, self.decode_plans, self._last_decode = {}, {}, {}
         self.state = [{} for _ in self.methods]
         _unregister_functions()
 
@@ -180,7 +181,7 @@ class Session:
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling():
             return  # a compiled decode step: everything it needs was prepared at prefill
-        if not self.enabled or self.probing:  # a disabled block leaves the generation's state as it was
+        if self.probing:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -189,6 +190,10 @@ class Session:
             return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = _cached_length(cache)
+        if not self.enabled:  # a disabled block: no edits; a prompt prefilled there has no plans
+            if past == 0:
+                self.layout, self.plans, self.decode_plans = None, {}, {}
+            return
         self.past = past
         self.prefill = past == 0
         if not self.prefill:
@@ -215,6 +220,8 @@ class Session:
         self.static = bool(getattr(cache, "is_compileable", False))
         self.decode_length = _static_length(cache) if self.static else self.layout.prompt_len + 64
         self.plans = {}
+        # the last generation's folded plans: a static cache refills their storage (see _plan)
+        self._last_decode, self.decode_plans = self.decode_plans, {}
         for method, state in zip(self.methods, self.state, strict=True):
             method.reset(state, self.layout)
         if self._probe:
@@ -396,16 +403,13 @@ class Session:
             for stage in method.plan(ctx, state)
         ]
         plan = LayerPlan.of(layer, self.layout.prompt_len, stages).to(query.device) if stages else None
-        idle = plan is not None and not any(bool(s.rows.decode_on().any()) for s in plan.stages)
-        if idle and not self.static:
-            # nothing to do in this layer for any row (one read per layer and prompt); a static cache keeps
-            # a fixed structure, so that the next prompt of this shape reuses the compiled graph
+        # a layer that edits no row of this batch is dropped (one read per layer and prompt); a static
+        # cache keeps a fixed structure, so that the next prompt of this shape reuses the compiled graph
+        if plan is not None and not self.static and not any(s.rows.decode_on().any() for s in plan.stages):
             plan = None
         self.plans[layer] = plan
-        if plan is None:
-            self.decode_plans.pop(layer, None)
-        else:
-            previous = self.decode_plans.get(layer)
+        if plan is not None:
+            previous = self._last_decode.get(layer)
             prepared = self._prepare(plan, query, key, scaling)
             # a static cache keeps the storage of the last generation's folded plan, so that a compiled
             # decode step (and its CUDA graph) sees the same tensors for the next prompt of this shape
