@@ -83,3 +83,23 @@ def test_static_compiled_padded_batch(tiny, padded):
         eager = model.generate(**padded, **GENERATE)
         fast = model.generate(**padded, **GENERATE, **compiled(counter))
     assert max_diff(fast, eager) <= 1e-4
+
+
+@pytest.mark.parametrize("spec", [{"var": VAR}, "gift", "pai"], ids=str)
+def test_static_compiled_triton_kernel(tiny, spec):
+    """The fused kernel is one custom op: a compiled decode step keeps it whole (Triton's interpreter on
+    CPU, see conftest)."""
+    pytest.importorskip("triton")
+    model, processor = tiny
+    first = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(0)])
+    second = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(3)])
+    counter = GraphCounter()
+    torch._dynamo.reset()
+    with mitigated(model, spec, processor=processor, kernel="triton"):
+        eager = model.generate(**first, **GENERATE)
+        fast = model.generate(**first, **GENERATE, **compiled(counter))
+        graphs = counter.graphs
+        fast_second = model.generate(**second, **GENERATE, **compiled(counter))
+        eager_second = model.generate(**second, **GENERATE)
+    assert max_diff(fast, eager) <= 1e-4 and max_diff(fast_second, eager_second) <= 1e-4
+    assert graphs >= 1 and counter.graphs == graphs
