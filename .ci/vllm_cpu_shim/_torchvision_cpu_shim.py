@@ -10,6 +10,8 @@ anything; vLLM's LLaVA and Qwen2-VL paths only use torchvision's pure-Python tra
 Users do not need this: GPU installs of vLLM come with a matching torchvision.
 """
 
+import contextlib
+
 import torch
 
 _LIB = torch.library.Library("torchvision", "FRAGMENT")  # kept alive for the whole process
@@ -17,7 +19,5 @@ for _schema in (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 ):
-    try:
+    with contextlib.suppress(RuntimeError):  # already defined: a working torchvision build loaded its ops
         _LIB.define(_schema)
-    except RuntimeError:  # already defined: a working torchvision build loaded its ops
-        pass

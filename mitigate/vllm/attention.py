@@ -33,7 +33,7 @@ from .worker import Slot, Step
 
 log = logging.getLogger("mitigate.vllm")
 
-#: set by the plugin in each worker process: the :class:`~mitigate.vllm.worker.Worker`, or a callable making it
+#: set by the plugin in each worker process: the :class:`~mitigate.vllm.worker.Worker`, or what makes it
 WORKER: Any = None
 
 
@@ -48,7 +48,11 @@ class Heads:
 
     @classmethod
     def of(cls, local_heads: int) -> Heads:
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size, get_tp_group
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+            get_tp_group,
+        )
 
         size = get_tensor_model_parallel_world_size()
         if size == 1:
@@ -72,7 +76,9 @@ class Heads:
         stages = []
         for stage in plan.stages:
             if isinstance(stage, LogitStage):
-                stage = replace(stage, scale=cut(stage.scale, 1), abs=cut(stage.abs, 1), bias=cut(stage.bias, 1))
+                stage = replace(
+                    stage, scale=cut(stage.scale, 1), abs=cut(stage.abs, 1), bias=cut(stage.bias, 1)
+                )
             elif isinstance(stage, HeadStage):
                 stage = replace(stage, scale=cut(stage.scale, 1))
             stages.append(stage)
@@ -161,7 +167,9 @@ def edit_layer(impl, layer, query, key, kv_cache_, metadata, output, step: Step)
         heads = impl._mitigate_heads = Heads.of(impl.num_heads)
     for slot in step.slots:
         plan = worker.plan(slot.edits, index)
-        observe = slot.observing and any(m.observe_rows(index, s) is not None for m, s in _observers(slot, index))
+        observe = slot.observing and any(
+            m.observe_rows(index, s) is not None for m, s in _observers(slot, index)
+        )
         if plan is None and not observe:
             continue
         _check_layer(impl, index)
@@ -186,14 +194,20 @@ def edit_layer(impl, layer, query, key, kv_cache_, metadata, output, step: Step)
 
 
 def _observers(slot: Slot, layer: int):
-    return [(m, s) for m, s in zip(slot.edits.methods, slot.edits.states, strict=True) if layer in m.edited_layers()]
+    return [
+        (m, s)
+        for m, s in zip(slot.edits.methods, slot.edits.states, strict=True)
+        if layer in m.edited_layers()
+    ]
 
 
 def _check_keys(keys: torch.Tensor, key: torch.Tensor, slot: Slot, layer: int) -> None:
     """This step's keys, as read back, must equal the ones the layer just wrote (guards the layout)."""
     written = key[slot.start : slot.stop].transpose(0, 1)
     if not torch.equal(keys[:, slot.past : slot.end].to(written.dtype), written):
-        raise MitigationError(f"mitigate: layer {layer}: keys read back from the KV cache differ from those written")
+        raise MitigationError(
+            f"mitigate: layer {layer}: keys read back from the KV cache differ from those written"
+        )
 
 
 def _observe(slot: Slot, layer: int, query, keys, plan, call, heads: Heads) -> None:

@@ -34,13 +34,14 @@ log = logging.getLogger("mitigate.vllm")
 #: why a method cannot run inside vLLM, by method name (refused at request time)
 UNAVAILABLE = {
     "vhr": "vhr chooses its heads from an extra prefill of the prompt without its image tokens (a probe pass "
-    "before the real prefill); vLLM's scheduler runs each request once per step and has no place for a second, "
+    "before the real prefill); vLLM's scheduler runs each request once per step and has no place for a "
+    "second, "
     "image-free pass, so VHR cannot run inside vLLM. Use it with apply_mitigation on a Hugging Face model.",
 }
 CONTRAST = (
-    "pai's image-free contrast (cfg_gamma) runs every step twice, with and without the image, and mixes the two "
-    "next-token distributions; vLLM schedules one sequence per request, so the contrast cannot run inside vLLM. "
-    "Leave cfg_gamma unset (the preset 'pai' does)."
+    "pai's image-free contrast (cfg_gamma) runs every step twice, with and without the image, and mixes "
+    "the two next-token distributions; vLLM schedules one sequence per request, so the contrast cannot run "
+    "inside vLLM. Leave cfg_gamma unset (the preset 'pai' does)."
 )
 
 
@@ -109,10 +110,13 @@ class Frontend:
 def _engine_problem(vllm_config: Any) -> str | None:
     """Why this engine's configuration cannot run mitigation at all (then mitigated requests are refused)."""
     if vllm_config.speculative_config is not None:
-        return "speculative decoding is on, which mitigate.vllm does not support (its draft rows are untested)"
+        return (
+            "speculative decoding is on, which mitigate.vllm does not support (its draft rows are untested)"
+        )
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         return (
-            "pipeline parallelism splits the layers over processes, while a method's observations in one layer "
+            "pipeline parallelism splits the layers over processes, while a method's observations in one "
+            "layer "
             "plan edits in others (GIFT's saliency, VAR's sinks); run without pipeline parallelism"
         )
     if vllm_config.cache_config.cache_dtype not in ("auto", None):
@@ -122,7 +126,9 @@ def _engine_problem(vllm_config: Any) -> str | None:
 
 def _check_prompt(request: Any, max_prompt: int) -> None:
     if request.prompt_token_ids is None:
-        raise MitigationError("mitigate: a prompt given as embeddings has no token ids to find the image tokens in")
+        raise MitigationError(
+            "mitigate: a prompt given as embeddings has no token ids to find the image tokens in"
+        )
     for feature in request.mm_features or []:
         if feature.modality != "image":
             raise MitigationError(
@@ -133,27 +139,38 @@ def _check_prompt(request: Any, max_prompt: int) -> None:
     if length > max_prompt:
         raise MitigationError(
             f"mitigate: this prompt has {length} tokens, more than one engine step holds "
-            f"(max_num_batched_tokens={max_prompt}); the methods read the whole prompt in one prefill, so raise "
+            f"(max_num_batched_tokens={max_prompt}); the methods read the whole prompt in one prefill, so "
+            "raise "
             "max_num_batched_tokens or shorten the prompt"
         )
 
 
 # -- installation ----------------------------------------------------------------------------------
-_FRONTENDS: dict[int, Frontend] = {}
 
 
 def install_frontend(platform_problem: str | None) -> None:
+    from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.input_processor import InputProcessor
 
+    class RequestRefused(VLLMValidationError, MitigationError):
+        """A ValueError offline, and an HTTP 400 through vLLM's servers (which map only their own errors)."""
+
+    init = InputProcessor.__init__
     original = InputProcessor.process_inputs
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._mitigate = Frontend(self.vllm_config, platform_problem)  # a bad server default fails here
 
     def process_inputs(self, *args, **kwargs):
         request = original(self, *args, **kwargs)
-        frontend = _FRONTENDS.get(id(self))
-        if frontend is None:
-            frontend = _FRONTENDS[id(self)] = Frontend(self.vllm_config, platform_problem)
-        frontend.process(request)
+        try:
+            self._mitigate.process(request)
+        except MitigationError as exc:
+            raise RequestRefused(str(exc), parameter=f"extra_args.{KEY}") from exc
         return request
+
+    InputProcessor.__init__ = __init__
 
     InputProcessor.process_inputs = process_inputs
 

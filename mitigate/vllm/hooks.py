@@ -65,7 +65,9 @@ def install_model_hooks(worker: Worker, model: torch.nn.Module) -> None:
     for module in model.modules():
         attn = getattr(getattr(module, "self_attn", None), "attn", None)
         if isinstance(attn, Attention):
-            module.register_forward_pre_hook(_hidden_hook(worker, extract_layer_index(attn.layer_name)), with_kwargs=True)
+            module.register_forward_pre_hook(
+                _hidden_hook(worker, extract_layer_index(attn.layer_name)), with_kwargs=True
+            )
             decoder += 1
     if decoder != worker.info.num_layers:
         raise UnsupportedModelError(
@@ -101,7 +103,9 @@ def _cls_hook(layer: int, total_heads: int):
         q = query.reshape(images, tokens, module.num_heads, module.head_size)[:, 0].float()
         k = key.reshape(images, tokens, module.num_kv_heads, module.head_size).float()
         k = k.repeat_interleave(module.num_heads // module.num_kv_heads, dim=2)
-        rows = torch.softmax(module.scale * torch.einsum("ihd,ithd->iht", q, k), dim=-1)  # [images, heads, tokens]
+        rows = torch.softmax(
+            module.scale * torch.einsum("ihd,ithd->iht", q, k), dim=-1
+        )  # [images, heads, tokens]
         if module.num_heads < total_heads:  # heads split over tensor-parallel ranks
             from vllm.distributed import get_tp_group
 

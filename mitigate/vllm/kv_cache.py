@@ -17,7 +17,9 @@ from ..errors import MitigationError
 
 
 @cache
-def layout(impl, layer, block_size: int, head_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def layout(
+    impl, layer, block_size: int, head_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Where token ``t``'s key and value element ``d`` sit inside one (block, kv-head) region of
     ``2 * block_size * head_size`` elements: index tensors ``[block_size, head_size]`` for keys and values."""
     heads = impl.num_kv_heads

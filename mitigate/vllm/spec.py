@@ -1,8 +1,8 @@
-"""What a request asks for: the ``mitigation`` entry of ``SamplingParams.extra_args``, parsed and resolved into
-mitigate's method objects, and the canonical form the frontend writes back for the engine and its workers.
+"""What a request asks for: the ``mitigation`` entry of ``SamplingParams.extra_args``, parsed and resolved
+into mitigate's method objects, and the canonical form the frontend writes back for the engine and workers.
 
-Accepted values (``extra_args={"mitigation": ...}`` offline; through vLLM's OpenAI server ``vllm_xargs``, whose
-values must be flat, so a JSON string of the same):
+Accepted values (``extra_args={"mitigation": ...}`` offline; through vLLM's OpenAI server ``vllm_xargs``,
+whose values must be flat, so a JSON string of the same):
 
 * a method or preset name: ``"var"``, ``"var-paper"``;
 * ``{"method": "var", "params": {"tau": 10}}`` (``params`` optional, for a single method);
@@ -33,12 +33,12 @@ _OFF_VALUES = (None, "", OFF)
 
 
 def parse(raw: Any) -> tuple[Any, dict[str, Any]] | None:
-    """``(method spec, overrides)`` for :func:`mitigate.methods.resolve_spec`, or ``None`` for no mitigation."""
+    """``(method spec, overrides)`` for :func:`mitigate.methods.resolve_spec`; ``None``: no mitigation."""
     if isinstance(raw, str):
         text = raw.strip()
         if text in _OFF_VALUES:
             return None
-        if text[:1] not in "{[\"":
+        if text[:1] not in '{["':
             return text, {}
         try:
             decoded = json.loads(text)
@@ -50,7 +50,9 @@ def parse(raw: Any) -> tuple[Any, dict[str, Any]] | None:
     if isinstance(raw, list):
         return raw, {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{KEY}: expected a method name, a JSON object or a string, not {type(raw).__name__}")
+        raise ConfigError(
+            f"{KEY}: expected a method name, a JSON object or a string, not {type(raw).__name__}"
+        )
     unknown = sorted(set(raw) - {"method", "params"})
     if unknown or "method" not in raw:
         raise ConfigError(

@@ -1,5 +1,5 @@
-"""The plugin's worker side: per request, mitigate's methods observe the prompt at its first prefill and plan each
-layer; per step, the attention backend learns which rows of which requests to edit.
+"""The plugin's worker side: per request, mitigate's methods observe the prompt at its first prefill and plan
+each layer; per step, the attention backend learns which rows of which requests to edit.
 
 vLLM's V1 model runner (the only one on CPU) keeps each request's state (``runner.requests``: sampling
 params, prompt ids, multimodal placeholder ranges) and lays the scheduled tokens of a step out flat, request
@@ -117,7 +117,8 @@ class Worker:
                 if past != 0 or stop - start < prompt:
                     raise MitigationError(
                         f"mitigate: request {req_id} got positions {past}..{past + stop - start - 1} of its "
-                        f"{prompt}-token prompt at its first prefill; the methods need the whole prompt in one "
+                        f"{prompt}-token prompt at its first prefill; the methods need the whole prompt in "
+                        "one "
                         "step (a KV connector or another scheduler split it)"
                     )
                 for method, method_state in zip(edits.methods, edits.states, strict=True):
@@ -191,7 +192,8 @@ class Worker:
         missing = [h for h in edits.images if h not in self.vision_rows]
         if missing:
             raise MitigationError(
-                f"mitigate: the vision tower's CLS attention for image {missing[0]} was not captured when its "
+                f"mitigate: the vision tower's CLS attention for image {missing[0]} was not captured when "
+                "its "
                 "encoder ran (was it encoded before the plugin loaded?)"
             )
         for layer in sorted(wanted):

@@ -69,7 +69,9 @@ def vllm_runs(llm, prompts: list[tuple[str, Any]], mitigations: list[Any]) -> li
     for out in outputs:
         done = out.outputs[0]
         logprobs = [step[token].logprob for token, step in zip(done.token_ids, done.logprobs, strict=True)]
-        runs.append(Run(list(done.token_ids), logprobs, list(out.prompt_token_ids), out.num_cached_tokens or 0))
+        runs.append(
+            Run(list(done.token_ids), logprobs, list(out.prompt_token_ids), out.num_cached_tokens or 0)
+        )
     return runs
 
 
@@ -104,8 +106,8 @@ def hf_spec(mitigation: Any) -> tuple[Any, dict]:
 
 
 @torch.no_grad()
-def hf_run(model, processor, text: str, image: Any, mitigation: Any = None) -> Run:
-    inputs = processor(images=image, text=text, return_tensors="pt")
+def hf_run(model, processor, text: str, image: Any, mitigation: Any = None, **processor_kwargs) -> Run:
+    inputs = processor(images=image, text=text, return_tensors="pt", **processor_kwargs)
     handle = None
     if mitigation is not None:
         spec, params = hf_spec(mitigation)
@@ -124,5 +126,7 @@ def hf_run(model, processor, text: str, image: Any, mitigation: Any = None) -> R
         if handle is not None:
             handle.remove()
     tokens = out.sequences[0, -TOKENS:].tolist()
-    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens, strict=True)]
+    logprobs = [
+        torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens, strict=True)
+    ]
     return Run(tokens, logprobs, inputs["input_ids"][0].tolist())

@@ -1,6 +1,6 @@
-"""mitigate inside vLLM (CPU build) on a tiny random LLaVA: every method gives the HF path's tokens and logprobs,
-requests with and without mitigation share batches, the prefix cache and chunked prefill stay exact, and what
-cannot run is refused at request time while the engine keeps serving. One engine for the whole module."""
+"""mitigate inside vLLM (CPU build) on a tiny random LLaVA: every method gives the HF path's tokens and
+logprobs, requests with and without mitigation share batches, the prefix cache and chunked prefill stay exact,
+and what cannot run is refused at request time while the engine keeps serving. One engine for the module."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import runs  # noqa: E402
-import tiny_models  # noqa: E402
+import runs
+import tiny_models
 
 PROMPT = "USER: <image>\nis there a cat in the image? ASSISTANT:"
 OTHER = "USER: <image>\ndescribe this image in detail please . ASSISTANT:"
@@ -140,7 +140,11 @@ def test_prefix_cache_never_mixes_mitigated_and_vanilla_blocks(llm, hf):
 def test_mitigated_prompt_waits_instead_of_being_split(llm, hf):
     """A vanilla prompt takes most of the step's token budget: vLLM chunks vanilla prompts, but the mitigated
     one must wait for a step with room for all of it (a split first prefill would stop the engine)."""
-    prompts = [(LONG, tiny_models.image(4)), (PROMPT, tiny_models.image(5)), (LONG + " yes", tiny_models.image(6))]
+    prompts = [
+        (LONG, tiny_models.image(4)),
+        (PROMPT, tiny_models.image(5)),
+        (LONG + " yes", tiny_models.image(6)),
+    ]
     mitigations = [None, "var-tiny", "pai"]
     batched = runs.vllm_runs(llm, prompts, mitigations)
     for (text, image), mitigation, together in zip(prompts, mitigations, batched, strict=True):

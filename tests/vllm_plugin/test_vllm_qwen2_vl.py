@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import runs  # noqa: E402
-import tiny_models  # noqa: E402
+import runs
+import tiny_models
 
 PROMPT = (
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>is there a cat in the image?<|im_end|>\n"

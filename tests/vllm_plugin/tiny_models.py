@@ -34,7 +34,8 @@ def save_llava(folder: Path) -> Path:
     weights = load_file(path)
     prefix = "vision_tower."
     weights = {
-        (f"{prefix}vision_model.{k[len(prefix):]}" if k.startswith(prefix) else k): v for k, v in weights.items()
+        (f"{prefix}vision_model.{k[len(prefix) :]}" if k.startswith(prefix) else k): v
+        for k, v in weights.items()
     }
     save_file(weights, path, metadata={"format": "pt"})
     return folder
