@@ -58,13 +58,13 @@ def sampling(mitigation: Any = None, tokens: int = TOKENS):
     return SamplingParams(temperature=0.0, max_tokens=tokens, logprobs=1, ignore_eos=True, extra_args=extra)
 
 
-def vllm_runs(llm, prompts: list[tuple[str, Any]], mitigations: list[Any]) -> list[Run]:
+def vllm_runs(llm, prompts: list[tuple[str, Any]], mitigations: list[Any], tokens: int = TOKENS) -> list[Run]:
     """One ``generate`` call with every (prompt, image) and its mitigation, batched by vLLM."""
     inputs = [
         {"prompt": text} if image is None else {"prompt": text, "multi_modal_data": {"image": image}}
         for text, image in prompts
     ]
-    outputs = llm.generate(inputs, [sampling(m) for m in mitigations], use_tqdm=False)
+    outputs = llm.generate(inputs, [sampling(m, tokens) for m in mitigations], use_tqdm=False)
     runs = []
     for out in outputs:
         done = out.outputs[0]
@@ -75,8 +75,13 @@ def vllm_runs(llm, prompts: list[tuple[str, Any]], mitigations: list[Any]) -> li
     return runs
 
 
-def vllm_run(llm, text: str, image: Any, mitigation: Any = None) -> Run:
-    return vllm_runs(llm, [(text, image)], [mitigation])[0]
+def vllm_run(llm, text: str, image: Any, mitigation: Any = None, tokens: int = TOKENS) -> Run:
+    return vllm_runs(llm, [(text, image)], [mitigation], tokens)[0]
+
+
+def preemptions(llm) -> int:
+    """How many times the engine preempted a request (needs ``disable_log_stats=False``)."""
+    return int(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))
 
 
 # -- the Hugging Face path -------------------------------------------------------------------------

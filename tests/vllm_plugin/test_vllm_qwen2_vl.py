@@ -1,5 +1,6 @@
 """mitigate inside vLLM (CPU build) on a tiny random Qwen2-VL (M-RoPE positions, no CLS token): the methods
-give the HF path's tokens and logprobs; PAINT is refused (its token sets come from a CLS query)."""
+give the HF path's tokens and logprobs; PAINT is refused (its token sets come from a CLS query). The engine's
+KV cache is six blocks of 32 tokens, so that longer generations get preempted and recomputed."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(folder):
-    engine = runs.engine(folder)
+    engine = runs.engine(
+        folder, block_size=32, num_gpu_blocks_override=7, max_model_len=160, disable_log_stats=False
+    )
     yield engine
     runs.close(engine)
 
@@ -72,3 +75,17 @@ def test_paint_is_refused(llm, vanilla):
     with pytest.raises(ValueError, match="CLS token"):
         runs.vllm_run(llm, PROMPT, tiny_models.image(0), "paint")
     assert runs.vllm_run(llm, PROMPT, tiny_models.image(0)).tokens == vanilla.tokens
+
+
+def test_preempted_requests_keep_their_plans(llm):
+    """Four generations of 60 tokens need twelve KV blocks: vLLM preempts some and later recomputes their
+    prompt and output (in chunks, if it likes); their plans from the first prefill are kept, so every request
+    still gets the answer it gets alone."""
+    prompts = [(PROMPT, tiny_models.image(i)) for i in range(4)]
+    mitigations = ["var-tiny", "pai", "vaf", "gift"]
+    before = runs.preemptions(llm)
+    batched = runs.vllm_runs(llm, prompts, mitigations, tokens=60)
+    assert runs.preemptions(llm) > before
+    for (text, image), mitigation, together in zip(prompts, mitigations, batched, strict=True):
+        alone = runs.vllm_run(llm, text, image, mitigation, tokens=60)
+        assert together.tokens == alone.tokens and together.gap(alone) <= 1e-5, mitigation
