@@ -1,6 +1,6 @@
 """The vLLM plugin's request handling without vLLM: the accepted spellings of a request's mitigation, the
-canonical form written for the engine, the frontend's refusals, and the ModelInfo read from a config (the same
-as mitigate's HF adapter gives). The end-to-end tests are in tests/vllm_plugin (they need vLLM's CPU build)."""
+canonical form written for the engine, the frontend's refusals, and the ModelInfo read from a config (the
+same as mitigate's HF adapter gives). End-to-end tests: tests/vllm_plugin (they need vLLM's CPU build)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ ARCH = "LlavaForConditionalGeneration"
 
 
 def config(default=None, **overrides):
-    model = SimpleNamespace(architecture=ARCH, hf_config=tiny_llava.build_config(), model="builtin:tiny-llava")
+    hf_config = tiny_llava.build_config()
+    model = SimpleNamespace(architecture=ARCH, hf_config=hf_config, model="builtin:tiny-llava")
     values = {
         "model_config": model,
         "additional_config": {} if default is None else {"mitigation": default},
@@ -83,7 +84,8 @@ def test_canonical_form_resolves_to_the_same_methods():
     info = model_info(ARCH, tiny_llava.build_config(), "builtin:tiny-llava")
     cache = MethodCache(info)
     methods = cache.resolve({"method": {"var": {"tau": 3.0}, "pai": {"alpha": 0.7}}})
-    again = MethodCache(replace(info, name_or_path="elsewhere")).resolve(json.loads(json.dumps(canonical(methods))))
+    elsewhere = MethodCache(replace(info, name_or_path="elsewhere"))  # no preset picked by name there
+    again = elsewhere.resolve(json.loads(json.dumps(canonical(methods))))
     assert [(m.name, m.config) for m in again] == [(m.name, m.config) for m in methods]
     assert methods[0].config.sink_dims == "auto"  # var's preset for the built-in tiny model, kept explicitly
 
