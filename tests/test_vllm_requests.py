@@ -122,7 +122,7 @@ def test_frontend_without_default_leaves_vanilla_requests_alone():
         (request("vhr"), "probe pass"),
         (request({"method": "pai", "params": {"cfg_gamma": 1.1}}), "contrast"),
         (request("pai", modality="video"), "video inputs"),
-        (request("pai", length=65), "max_num_batched_tokens=64"),
+        (request("pai", length=65), "more than one engine step prefills for a request \\(64"),
         (request({"method": ["pai", "paint"]}), "cannot combine"),
     ],
 )
@@ -140,6 +140,17 @@ def test_engines_that_cannot_mitigate_still_serve_vanilla_requests():
     speculative = Frontend(config(speculative_config=object()))
     with pytest.raises(MitigationError, match="speculative decoding"):
         speculative.process(request("pai"))
+
+
+def test_long_prefill_threshold_bounds_the_prompt():
+    scheduler = SimpleNamespace(max_num_batched_tokens=64, long_prefill_token_threshold=16)
+    frontend = Frontend(config(scheduler_config=scheduler))
+    frontend.process(request("pai", length=16))
+    text_only = request("pai", length=40)
+    text_only.mm_features = []
+    frontend.process(text_only)  # no image, no edits: any length
+    with pytest.raises(MitigationError, match=r"prefills for a request \(16"):
+        frontend.process(request("pai", length=17))
 
 
 def test_a_bad_server_default_fails_at_start():

@@ -59,7 +59,12 @@ class Frontend:
     def __init__(self, vllm_config: Any, platform_problem: str | None = None):
         model = vllm_config.model_config
         self.default = (vllm_config.additional_config or {}).get(KEY)
-        self.max_prompt = vllm_config.scheduler_config.max_num_batched_tokens
+        scheduler = vllm_config.scheduler_config
+        # the most prompt tokens one step prefills for one request (a longer prompt would wait forever)
+        self.max_prompt = scheduler.max_num_batched_tokens
+        threshold = getattr(scheduler, "long_prefill_token_threshold", 0) or 0
+        if threshold > 0:
+            self.max_prompt = min(self.max_prompt, threshold)
         self.problem = platform_problem or _engine_problem(vllm_config)
         self.methods: MethodCache | None = None
         if self.problem is None:
@@ -136,12 +141,11 @@ def _check_prompt(request: Any, max_prompt: int) -> None:
                 "tokens); send images only, or no mitigation"
             )
     length = len(request.prompt_token_ids)
-    if length > max_prompt:
+    if request.mm_features and length > max_prompt:  # without an image no method edits anything
         raise MitigationError(
-            f"mitigate: this prompt has {length} tokens, more than one engine step holds "
-            f"(max_num_batched_tokens={max_prompt}); the methods read the whole prompt in one prefill, so "
-            "raise "
-            "max_num_batched_tokens or shorten the prompt"
+            f"mitigate: this prompt has {length} tokens, more than one engine step prefills for a request "
+            f"({max_prompt}: max_num_batched_tokens, or long_prefill_token_threshold if lower); the methods "
+            "read the whole prompt in one prefill, so raise that limit or shorten the prompt"
         )
 
 

@@ -17,6 +17,7 @@ again gives the same methods with the same numbers, whatever presets the model n
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -79,19 +80,21 @@ class MethodCache:
         self.info = info
         self.size = size
         self._methods: OrderedDict[str, list[Method]] = OrderedDict()
+        self._lock = threading.Lock()  # async servers run the frontend in a thread pool
 
     def resolve(self, raw: Any) -> list[Method] | None:
         """The methods ``raw`` asks for (validated for this model), or ``None`` for no mitigation."""
         key = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True, default=str)
-        if key in self._methods:
-            self._methods.move_to_end(key)
-            return self._methods[key]
-        parsed = parse(raw)
-        if parsed is None:
-            return None
-        spec, overrides = parsed
-        methods = resolve_spec(spec, self.info, overrides)
-        self._methods[key] = methods
-        if len(self._methods) > self.size:
-            self._methods.popitem(last=False)
-        return methods
+        with self._lock:
+            if key in self._methods:
+                self._methods.move_to_end(key)
+                return self._methods[key]
+            parsed = parse(raw)
+            if parsed is None:
+                return None
+            spec, overrides = parsed
+            methods = resolve_spec(spec, self.info, overrides)
+            self._methods[key] = methods
+            if len(self._methods) > self.size:
+                self._methods.popitem(last=False)
+            return methods
