@@ -178,10 +178,10 @@ class Adapter:
             ),
             num_layers=depth,
             num_heads=heads,
-            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            num_kv_heads=_setting(cfg, "num_key_value_heads") or heads,
+            head_dim=_setting(cfg, "head_dim") or cfg.hidden_size // heads,
             hidden_size=cfg.hidden_size,
-            rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(_setting(cfg, "rms_norm_eps") or 1e-6),
             image_token_id=self.image_token_id(),
             attention_layers=None if len(layers) == depth else tuple(layers),
             last_row_layers=tuple(self.last_row_layers()),
@@ -199,6 +199,15 @@ class Adapter:
             }
         except UnsupportedModelError:
             return {"flat_image_features": self.flat_image_features()}
+
+
+def _setting(config: Any, name: str) -> Any:
+    """A text-config value, or ``None`` where it is missing or differs by layer (Gemma 4's head_dim:
+    sliding and full layers have their own; transformers raises on the global attribute)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:
+        return None
 
 
 def adapters() -> list[type[Adapter]]:
