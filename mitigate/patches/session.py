@@ -75,7 +75,9 @@ def mitigate_attention(
     if session is not None and module in session.vision_index:
         return session.vision_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if session is None or not session.enabled:
-        return _plain(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     return session.attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
@@ -323,7 +325,11 @@ class Session:
                 module, layer, query, key, value, attention_mask, dropout, scaling, **kwargs
             )
         if layer not in self._edited:
-            return _plain(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+            if self.prefill and self.layout is not None and not torch.compiler.is_compiling():
+                key, value, attention_mask = self._prompt_keys(module, query, key, value, attention_mask)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
         causal = bool(getattr(module, "is_causal", True))
@@ -335,7 +341,9 @@ class Session:
             return out, None
         prepared = self.decode_plans.get(layer)
         if prepared is None:
-            return _plain(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         if torch.compiler.is_compiling():
             offset, stats = 0, None  # a static cache: key slots are positions
         else:
@@ -355,10 +363,7 @@ class Session:
     def _prefill_attention(self, module, layer, query, key, value, attention_mask, scaling, causal, window):
         """A prefill call: plan the layer (once per generation), let methods observe rows, run the plan."""
         length = self.layout.prompt_len
-        if self.static and key.shape[2] > length:  # a static cache's empty slots after the prompt
-            key, value = key[:, :, :length], value[:, :, :length]
-            if torch.is_tensor(attention_mask):
-                attention_mask = attention_mask[..., :length]
+        key, value, attention_mask = self._prompt_keys(module, query, key, value, attention_mask, False)
         if key.shape[2] != length or not 0 < query.shape[2] <= length:
             raise MitigationError(
                 f"mitigate: layer {layer} got {query.shape[2]} queries and {key.shape[2]} keys at the "
@@ -385,11 +390,29 @@ class Session:
         if past == 0:
             self._observe(layer, query, key, attention_mask, plan, call)
         if plan is None:
-            out, _ = _plain(module, query, key, value, attention_mask, 0.0, scaling)
+            mask = attention_mask
+            if mask is None and causal and 1 < query.shape[2] < key.shape[2]:
+                mask = causal_keep(query.shape[2], key.shape[2], query.device)[None, None]
+            out, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)
             return out
         if self.stats is not None:
             self._count_rows(plan, past, query.shape[2])
         return self.kernel.run(query, key, value, attention_mask, plan.to(query.device), call)
+
+    def _prompt_keys(self, module, query, key, value, attention_mask, bottom: bool = True):
+        """A prefill call's keys over the prompt only: a static cache's empty slots after the prompt are
+        cut off. With fewer query rows than prompt keys and no mask (Gemma 4's shared layers when
+        ``generate`` keeps rows), the rows are the prompt's last ones: with ``bottom``, the causal mask is
+        built bottom-right aligned (SDPA's own ``is_causal`` would align it top-left)."""
+        length = self.layout.prompt_len
+        if self.static and key.shape[2] > length:
+            key, value = key[:, :, :length], value[:, :, :length]
+            if torch.is_tensor(attention_mask):
+                attention_mask = attention_mask[..., :length]
+        nq, nk = query.shape[2], key.shape[2]
+        if bottom and attention_mask is None and 1 < nq < nk and getattr(module, "is_causal", True):
+            attention_mask = causal_keep(nq, nk, query.device)[None, None]
+        return key, value, attention_mask
 
     def _plan(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> LayerPlan | None:
         if layer in self.plans:
@@ -443,7 +466,9 @@ class Session:
             self.stats.add(stage.method, plan.layer, edited_rows=rows)
 
     def _probe_attention(self, module, layer, query, key, value, attention_mask, dropout, scaling, **kwargs):
-        out, _ = _plain(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
         rows = self.layout.batch_size
         for method, state in zip(self.methods, self.state, strict=True):
             if not method.needs_probe():
@@ -462,18 +487,6 @@ class Session:
                 method.observe_probs(layer, probs, index, state)
             out = method.probe_output(layer, out, self.layout, state)
         return out, None
-
-
-def _plain(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
-    """The family's attention without edits (SDPA). With no mask and fewer query rows than keys (Gemma 4's
-    shared layers when ``generate`` keeps more than one row), SDPA's own causality would be top-left
-    aligned: the query rows are the last ones, so the mask is built bottom-right."""
-    nq, nk = query.shape[2], key.shape[2]
-    if attention_mask is None and 1 < nq < nk and getattr(module, "is_causal", True):
-        attention_mask = causal_keep(nq, nk, query.device)[None, None]
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
 
 
 def _cached_length(cache: Any) -> int:
