@@ -48,6 +48,8 @@ def test_static_compiled_equals_eager(family):
 
 def test_gemma3_sliding_layers_refuse_a_static_cache_longer_than_the_window():
     model, processor = fk.tiny("gemma3")
-    with mitigated(model, "pai", processor=processor, layers=[0, 1]):
-        with pytest.raises(MitigationError, match="sliding window of 24 keys in a static cache"):
-            model.generate(**prompt(processor, 2), **GENERATE, cache_implementation="static")
+    with (
+        mitigated(model, "pai", processor=processor, layers=[0, 1]),
+        pytest.raises(MitigationError, match="sliding window of 24 keys in a static cache"),
+    ):
+        model.generate(**prompt(processor, 2), **GENERATE, cache_implementation="static")

@@ -11,7 +11,8 @@ from oracles import PAIOracle, VAROracle
 
 from mitigate import ConfigError, apply_mitigation, mitigated
 
-VAR = {"sink_dims": "auto", "tau": 1.5, "moved_fraction": 0.6, "min_nonsink_ratio": 0.3, "min_image_mass": 0.05}
+VAR = {"sink_dims": "auto", "tau": 1.5, "moved_fraction": 0.6, "min_nonsink_ratio": 0.3,
+       "min_image_mass": 0.05}  # fmt: skip
 PAI = {"alpha": 0.5}
 #: the layers edited: every full-attention layer from 1 on (Qwen3.5's are 1 and 3)
 LAYERS = {"qwen2-vl": [1, 2, 3], "paligemma": [1, 2, 3], "qwen3.5": [1, 3]}

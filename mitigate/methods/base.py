@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..context import ModelInfo, TokenLayout
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..plan import Rows, Stage
 
 
@@ -95,10 +95,16 @@ class Method:
     summary: ClassVar[str] = ""
     #: first layer edited by default; the default range runs from here to the last layer
     default_first_layer: ClassVar[int] = 2
+    #: what to use instead, when :meth:`unsupported` refuses a model
+    refusal_hint: ClassVar[str] = ""
 
     def __init__(
         self, config: MethodConfig, info: ModelInfo, preset: str | None = None, processor: Any = None
     ):
+        refusal = self.unsupported(info)
+        if refusal is not None:
+            message = f"{self.name} cannot run on this {info.family} model: it {refusal}. {self.refusal_hint}"
+            raise UnsupportedModelError(message.strip())
         self.config = config
         self.info = info
         self.preset = preset or self.name
@@ -111,6 +117,13 @@ class Method:
     every_row: ClassVar[bool] = False
 
     # -- configuration ------------------------------------------------------------------------
+    @classmethod
+    def unsupported(cls, info: ModelInfo) -> str | None:
+        """Why this method cannot run on the model at all (a fact of its family, e.g. no CLS token in the
+        vision tower), as a phrase after "it", or ``None``. Checked at apply time; ``mitigate families``
+        prints it."""
+        return None
+
     def default_layers(self) -> list[int]:
         return list(range(min(self.default_first_layer, self.info.num_layers - 1), self.info.num_layers))
 

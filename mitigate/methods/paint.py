@@ -21,7 +21,6 @@ import torch
 from pydantic import Field
 
 from ..context import ModelInfo, TokenLayout
-from ..errors import UnsupportedModelError
 from ..plan import LogitStage, Stage
 from .base import Method, MethodConfig, PlanContext
 from .registry import register_method
@@ -64,27 +63,19 @@ class PAINT(Method):
     name = "paint"
     Config = PAINTConfig
     summary = "PAI with CLS-chosen local and summary image tokens boosted by different amounts."
+    refusal_hint = "Use pai, which boosts every image token."
 
-    def __init__(
-        self, config: PAINTConfig, info: ModelInfo, preset: str | None = None, processor: Any = None
-    ):
-        super().__init__(config, info, preset, processor)
-        refusal = self.unsupported(info)
-        if refusal is not None:
-            raise UnsupportedModelError(f"paint: {refusal}. Use pai, which boosts every image token.")
-
-    @staticmethod
-    def unsupported(info: ModelInfo) -> str | None:
-        """Why PAINT cannot run on this model, or ``None``."""
+    @classmethod
+    def unsupported(cls, info: ModelInfo) -> str | None:
         if info.vision_feature_layer is None or not info.vision_has_cls:
             return (
                 "needs a vision tower with a CLS token (CLIP, InternViT): its token sets come from the CLS "
-                f"query's attention, and this {info.family} model's tower has none"
+                "query's attention to the patches, and this tower has none"
             )
         if not info.flat_image_features:
             return (
-                f"mapping CLS-chosen patches onto {info.family}'s image tokens (a base view, tiles and "
-                "row-end tokens) is not implemented"
+                "maps the CLS-chosen patches onto image tokens one tower image after another; a base view "
+                "plus tiles and row-end tokens (any-resolution LLaVA) is not mapped"
             )
         return None
 

@@ -1,8 +1,8 @@
 """One module per model family; :data:`ADAPTERS` lists them for
 :func:`mitigate.patches.adapters.find_adapter`.
 
-Order matters only where two adapters share a config class (PaliGemma 2 before PaliGemma): the first whose
-``matches`` accepts the config wins.
+Where two adapters share a config class (PaliGemma and PaliGemma 2), their ``matches`` tell the configs
+apart; the order is the one ``mitigate families`` prints.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ ADAPTERS: list[type[Adapter]] = [
     InternVLAdapter,
     SmolVLMAdapter,
     Idefics3Adapter,
-    PaliGemma2Adapter,
     PaliGemmaAdapter,
+    PaliGemma2Adapter,
     Mistral3Adapter,
 ]
 

@@ -90,6 +90,10 @@ class PaliGemmaAdapter(Adapter):
     plain_masks = False  # prefix-LM: the prompt attends bidirectionally at prefill
     position_offset = 1
 
+    @classmethod
+    def matches(cls, config) -> bool:
+        return super().matches(config) and not _soft_capped(config)
+
     def layout(self, input_ids, inputs_embeds, mask) -> TokenLayout:
         layout = super().layout(input_ids, inputs_embeds, mask)
         bos = self.text_config().bos_token_id
@@ -115,8 +119,7 @@ class PaliGemma2Adapter(PaliGemmaAdapter):
 
     @classmethod
     def matches(cls, config) -> bool:
-        text = getattr(config, "text_config", None)
-        return super().matches(config) and getattr(text, "attn_logit_softcapping", None) is not None
+        return type(config).__name__ in cls.config_classes and _soft_capped(config)
 
     def refusal(self) -> str | None:
         cap = self.text_config().attn_logit_softcapping
@@ -125,3 +128,7 @@ class PaliGemma2Adapter(PaliGemmaAdapter):
             "softmax); mitigate's kernels compute plain softmax attention, so every edited or probed layer "
             "would silently differ"
         )
+
+
+def _soft_capped(config) -> bool:
+    return getattr(getattr(config, "text_config", None), "attn_logit_softcapping", None) is not None
