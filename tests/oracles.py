@@ -369,8 +369,12 @@ class GIFTOracle(EagerOracle):
         head_fraction,
         informative: set[str] | None,
         generation_prompt=("assistant", ":"),
+        saliency_from: dict[int, torch.Tensor] | None = None,
     ):
         super().__init__(model, image_token_id)
+        #: the saliency layers' prefill probabilities of an earlier, separate pass (GIFT's released code
+        #: reads its saliency in an extra prefill); ``None``: this pass's own
+        self.saliency_from = saliency_from
         self.tokenizer = tokenizer
         self.saliency_layers = list(saliency_layers)
         self.enhance_layers = set(enhance_layers)
@@ -382,7 +386,7 @@ class GIFTOracle(EagerOracle):
         self.kept: list[list[int]] = []
 
     def new_prompt(self):
-        self.query, self.kept, self.seen, self.saliency = [], [], {}, None
+        self.query, self.kept, self.seen, self.saliency = [], [], dict(self.saliency_from or {}), None
         length = self.ids.shape[1]
         for b in range(self.ids.shape[0]):
             image = _positions(self.image[b])
@@ -399,7 +403,7 @@ class GIFTOracle(EagerOracle):
             self.kept.append([p for p, ok in zip(span, keep, strict=True) if ok])
 
     def edit_probs(self, layer, p, positions):
-        if self.past == 0 and layer in self.saliency_layers:
+        if self.past == 0 and layer in self.saliency_layers and self.saliency_from is None:
             self.seen[layer] = p.clone()
         if layer not in self.enhance_layers:
             return p
