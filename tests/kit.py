@@ -138,7 +138,7 @@ def count_language_forwards(model, inputs, steps: int = 4) -> list[tuple[int, in
         embeds = kwargs.get("inputs_embeds")
         calls.append(tuple(embeds.shape[:2]) if embeds is not None else None)
 
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
     finally:
