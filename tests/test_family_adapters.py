@@ -184,12 +184,13 @@ def test_internvl_paint_sets_come_from_its_tiles():
         fk.generate(model, batch, 1)
         state = handle._session.state[0]
         local, summary = state["local"], state["summary"]
+    previous = model.config.vision_config._attn_implementation
     model.set_attn_implementation({"vision_config": "eager"})
     try:
         with torch.no_grad():
             attentions = model.model.vision_tower(batch["pixel_values"], output_attentions=True).attentions
     finally:
-        model.set_attn_implementation({"vision_config": "sdpa"})
+        model.set_attn_implementation({"vision_config": previous})
     first, last = (a[:, :, 0].sum(1) for a in (attentions[0], attentions[-1]))  # CLS row, over heads
     fold = find_adapter(model).cls_to_features
     want_local, want_summary = paint_sets(fold(first[:, None])[:, 0], fold(last[:, None])[:, 0], 0.25)

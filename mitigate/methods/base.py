@@ -97,6 +97,9 @@ class Method:
     default_first_layer: ClassVar[int] = 2
     #: what to use instead, when :meth:`unsupported` refuses a model
     refusal_hint: ClassVar[str] = ""
+    #: whether the layers this method edits must see every prompt row at prefill (their input hidden
+    #: states, or their probabilities); Gemma 4's key/value-sharing layers see only the last one
+    every_row: ClassVar[bool] = False
 
     def __init__(
         self, config: MethodConfig, info: ModelInfo, preset: str | None = None, processor: Any = None
@@ -111,10 +114,6 @@ class Method:
         self.processor = processor  # the model's processor or tokenizer, when the user passed one
         self.layers: tuple[int, ...] = self._check_layers(config.layers, "layers")
         self._edited_layers = frozenset(self.layers)
-
-    #: whether the layers this method edits must see every prompt row at prefill (their input hidden
-    #: states, or their probabilities); Gemma 4's key/value-sharing layers see only the last one
-    every_row: ClassVar[bool] = False
 
     # -- configuration ------------------------------------------------------------------------
     @classmethod
