@@ -204,3 +204,13 @@ def test_paligemma2_soft_capping_is_refused():
     with pytest.raises(UnsupportedModelError, match="soft-caps attention logits"):
         apply_mitigation(model, "vhr")
     assert model.config.get_text_config()._attn_implementation == "eager"
+
+
+def test_video_tokens_are_refused():
+    """The methods and the twins know image spans only: a prompt with video tokens is refused at prefill,
+    never run as if the video were text."""
+    model, processor = fk.tiny("qwen2-vl")
+    batch = fk.encode(processor, [(fk.kit.PROMPTS[1], [])])
+    batch["input_ids"][0, 3] = model.config.video_token_id
+    with mitigated(model, "pai"), pytest.raises(MitigationError, match="video tokens"):
+        fk.generate(model, batch, 1)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..context import ModelInfo, TokenLayout, build_layout
-from ..errors import UnsupportedModelError
+from ..errors import MitigationError, UnsupportedModelError
 
 #: forward inputs that are never per-token data, even when shaped like ``input_ids``
 PER_IMAGE_INPUTS = (
@@ -149,7 +149,18 @@ class Adapter:
 
     # -- forward inputs ----------------------------------------------------------------------------
     def check_inputs(self, kwargs: dict[str, Any], layout: TokenLayout) -> None:
-        """Refuse, at prefill, inputs this family would silently run wrong (see Qwen2.5-VL)."""
+        """Refuse, at prefill, inputs the methods or this family would silently run wrong: videos (the
+        methods and twins know image spans only), and per family (Qwen2.5-VL without M-RoPE inputs)."""
+        config = self.model.config
+        video = getattr(config, "video_token_id", None)
+        if video is None:
+            video = getattr(config, "video_token_index", None)
+        ids = kwargs.get("input_ids")
+        if video is not None and torch.is_tensor(ids) and bool((ids == int(video)).any()):
+            raise MitigationError(
+                "mitigate: this prompt holds video tokens; the methods edit attention to image tokens and "
+                "know image spans only, so a video would be treated as text. Pass frames as images."
+            )
 
     def prompt_positions(self, kwargs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
         """Positions for a prompt forward that got none, as ``generate`` makes them (from the padding)."""

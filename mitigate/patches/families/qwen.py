@@ -45,6 +45,7 @@ class Qwen2VLAdapter(Adapter):
         return len(self.base_model().visual.blocks) - 1
 
     def check_inputs(self, kwargs: dict[str, Any], layout: TokenLayout) -> None:
+        super().check_inputs(kwargs, layout)
         positions = kwargs.get("position_ids")
         own = torch.is_tensor(positions) and positions.dim() == 3 and positions.shape[0] == 3
         if bool(layout.has_image.any()) and kwargs.get("mm_token_type_ids") is None and not own:
