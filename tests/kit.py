@@ -86,7 +86,8 @@ def max_diff(a: Trace, b: Trace, valid: torch.Tensor | None = None) -> float:
 def row_inputs(inputs: dict[str, torch.Tensor], row: int, processor) -> dict[str, torch.Tensor]:
     """Row ``row`` of a left-padded batch on its own, padding stripped: per-token inputs (``[B, T]``, e.g.
     ``token_type_ids``) cut by the mask, per-image ones (``pixel_values``, ``image_sizes``) picked by image
-    order."""
+    order. For LLaVA's processors (one pixel tensor per image); tests/family_kit.py encodes each row of
+    the other families again instead."""
     mask = inputs["attention_mask"][row].bool()
     ids = inputs["input_ids"]
     out = {

@@ -146,7 +146,7 @@ def test_gemma4_shared_layers_get_the_last_row_at_prefill():
     model, processor = fk.tiny("gemma4")
     batch = fk.encode(processor, fk.rows_of(fk.BY_NAME["gemma4"]))
     rows: list[int] = []
-    layer = model.model.language_model.layers[3].self_attn
+    layer = model.get_decoder().layers[3].self_attn
     hook = layer.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["hidden_states"].shape[1]),
                                            with_kwargs=True)  # fmt: skip
     try:
