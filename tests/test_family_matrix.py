@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mitigate import UnsupportedModelError, apply_mitigation, list_methods
+from mitigate import UnsupportedModelError, apply_mitigation, list_methods, mitigated
 from mitigate.cli import app
 from mitigate.support import markdown, support_matrix
 
@@ -97,3 +97,18 @@ def test_cli_families(monkeypatch):
     table = CliRunner().invoke(app, ["families"])
     assert table.exit_code == 0, table.output
     assert "needs a vision tower with a CLS token" in table.output and "Qwen3.5" in table.output
+
+
+COMPOSED = ["qwen2-vl", "qwen3-vl", "gemma4", "idefics3", "paligemma", "mistral3"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", COMPOSED)
+def test_composition_runs(family):
+    """PAI + VAR + VHR (logit edit, redistribution, head scaling; VHR's probe with the twins) composed."""
+    model, processor, batch, singles, vanilla = prepared(family)
+    with mitigated(model, ["pai", "var", "vhr"], processor=processor):
+        edited = fk.generate(model, batch)
+        alone = [fk.generate(model, one) for one in singles]
+    assert fk.logit_diff(edited, vanilla) > 1e-3
+    fk.assert_rows_equal(edited, alone)
