@@ -81,8 +81,9 @@ class Contrast:
             mask = torch.ones(bsz, past + ids.shape[1], dtype=torch.long, device=ids.device)
         if isinstance(mask, dict):
             raise MitigationError(
-                "mitigate: the image-free contrast (cfg_gamma) cannot pair per-layer-type masks (a static "
-                "cache on a family with sliding-window layers); use the default dynamic cache"
+                "mitigate: the image-free contrast (cfg_gamma) cannot pair per-layer-type masks (what "
+                "transformers builds for a static cache on Qwen-VL and sliding-window families); use the "
+                "default dynamic cache"
             )
         if prefill:
             if mask is None:  # generate drops the mask of unpadded batches
