@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from .errors import UnsupportedModelError
 from .methods import Method, resolve_spec
 from .patches.adapters import find_adapter
 from .patches.session import Session
@@ -115,6 +116,10 @@ def apply_mitigation(
     the model is touched.
     """
     adapter = find_adapter(model)
+    refusal = adapter.refusal()
+    if refusal is not None:
+        name = adapter.title or adapter.family
+        raise UnsupportedModelError(f"mitigate cannot edit this {name} model: {refusal}")
     methods = resolve_spec(method, adapter.info(), overrides, processor)
     session = Session(model, adapter, methods, kernel=kernel)
     previous = _BY_MODEL.get(model)

@@ -1,4 +1,4 @@
-"""The ``mitigate`` command line: run, methods, calibrate (and the eval commands as they land)."""
+"""The ``mitigate`` command line: run, methods, families, calibrate (and the eval commands as they land)."""
 
 from __future__ import annotations
 
@@ -156,6 +156,41 @@ def methods_cmd(
             for key, value in preset["params"].items():
                 table.add_row(key, json.dumps(value), preset["sources"].get(key, ""))
             console.print(table)
+
+
+@app.command("families")
+def families_cmd(
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="the Markdown table of the README")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Which method runs on which model family, or why it refuses (read from each adapter and method on
+    the family's built-in tiny model)."""
+    from .support import markdown, support_matrix
+
+    rows = support_matrix()
+    if as_json:
+        data = {
+            row.family: {"title": row.title, "model_classes": list(row.model_classes), "builtin": row.builtin,
+                         "methods": row.refusals}
+            for row in rows
+        }  # fmt: skip
+        typer.echo(json.dumps(data, indent=2))
+        return
+    if as_markdown:
+        typer.echo(markdown(rows), nl=False)
+        return
+    methods = list(rows[0].refusals) if rows else []
+    reasons = list(dict.fromkeys(r for row in rows for r in row.refusals.values() if r is not None))
+    table = Table(title="methods x model families (no: refused at apply time, for the reason below)")
+    table.add_column("family")
+    for name in methods:
+        table.add_column(name)
+    for row in rows:
+        cells = ["yes" if (r := row.refusals[m]) is None else f"no ({reasons.index(r) + 1})" for m in methods]
+        table.add_row(row.title, *cells)
+    console.print(table)
+    for i, reason in enumerate(reasons, 1):
+        console.print(f"({i}) {reason}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -86,7 +86,8 @@ def max_diff(a: Trace, b: Trace, valid: torch.Tensor | None = None) -> float:
 def row_inputs(inputs: dict[str, torch.Tensor], row: int, processor) -> dict[str, torch.Tensor]:
     """Row ``row`` of a left-padded batch on its own, padding stripped: per-token inputs (``[B, T]``, e.g.
     ``token_type_ids``) cut by the mask, per-image ones (``pixel_values``, ``image_sizes``) picked by image
-    order."""
+    order. For LLaVA's processors (one pixel tensor per image); tests/family_kit.py encodes each row of
+    the other families again instead."""
     mask = inputs["attention_mask"][row].bool()
     ids = inputs["input_ids"]
     out = {
@@ -138,7 +139,7 @@ def count_language_forwards(model, inputs, steps: int = 4) -> list[tuple[int, in
         embeds = kwargs.get("inputs_embeds")
         calls.append(tuple(embeds.shape[:2]) if embeds is not None else None)
 
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
     finally:

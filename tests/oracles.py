@@ -3,13 +3,19 @@
 They share no code with ``mitigate``: their own attention function (eager, materialised probabilities,
 explicit loops over rows and heads), their own prefill tracking and their own hidden-state hooks. Each
 oracle edits the probabilities exactly as DESIGN.md words the method.
+
+They run on any family through transformers' own interfaces: the language model from
+``model.get_decoder()``, the family's own masks (with ``mask="eager"``, the additive float masks that the
+family's eager attention gets: prefix-LM, bidirectional image blocks, windows), and ``module.is_causal``
+when a call has no mask (PaliGemma's prefix-LM modules are not causal). Rows are the last ones of the
+current forward (Gemma 4's key/value-sharing layers get one row at prefill).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 ORACLE = "oracle-eager"
 
@@ -17,12 +23,14 @@ ORACLE = "oracle-eager"
 class EagerOracle:
     """Base: eager attention in fp32 with a per-layer probability edit; the model's own layout tracking."""
 
-    def __init__(self, model, image_token_id: int):
+    def __init__(self, model, image_token_id: int, mask: str = "sdpa"):
         self.model = model
         self.image_token_id = image_token_id
+        self.mask_function = {"sdpa": sdpa_mask, "eager": eager_mask}[mask]
         self.handles = []
         self.prompt_len = 0
         self.past = 0
+        self.present = 0  # tokens in the cache after the current forward
         self.image = None  # [B, T] bool
         self.valid = None  # [B, T] bool
         self.ids = None  # [B, T] the prompt's token ids
@@ -32,12 +40,12 @@ class EagerOracle:
     # -- plumbing ------------------------------------------------------------------------------
     def __enter__(self):
         AttentionInterface.register(ORACLE, self._attention)
-        AttentionMaskInterface.register(ORACLE, sdpa_mask)
+        AttentionMaskInterface.register(ORACLE, self.mask_function)
         self.previous = self.model.config.text_config._attn_implementation
         self.model.set_attn_implementation({"text_config": ORACLE})
         base = self.model.model
         self.handles.append(base.register_forward_pre_hook(self._before, with_kwargs=True))
-        for idx, layer in enumerate(base.language_model.layers):
+        for idx, layer in enumerate(self.model.get_decoder().layers):
             self.handles.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
         return self
 
@@ -52,6 +60,7 @@ class EagerOracle:
         ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]  # LLaVA-NeXT passes it positionally
         cache = kwargs.get("cache")
         self.past = cache.get_seq_length() if cache is not None else 0
+        self.present = self.past + ids.shape[1]
         if self.past == 0:
             mask = kwargs.get("attention_mask")
             self.valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -72,20 +81,25 @@ class EagerOracle:
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
         _bsz, heads, nq, _ = query.shape
         nk = key.shape[2]
-        self.key_offset = max(0, self.past + nq - nk)
+        self.key_offset = max(0, self.present - nk)
         groups = heads // key.shape[1]
         k = key.float().repeat_interleave(groups, dim=1)
         v = value.float().repeat_interleave(groups, dim=1)
         z = (query.float() @ k.transpose(-1, -2)) * scaling
-        self.positions = list(range(self.past, self.past + nq))  # absolute positions of the query rows
+        # absolute positions of the query rows: the last nq of this forward
+        self.positions = list(range(self.present - nq, self.present))
         z = self.edit_logits(module.layer_idx, z)
         if attention_mask is None:
-            keep = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)[None, None]
-        else:
-            keep = attention_mask.bool()
+            causal = getattr(module, "is_causal", True)
+            keep = torch.ones(nq, nk, dtype=torch.bool)
+            keep = (keep.tril(nk - nq) if causal else keep)[None, None]
+        elif attention_mask.dtype == torch.bool:
+            keep = attention_mask[..., -nq:, :nk]
+        else:  # an eager additive mask: 0 where kept, the dtype's minimum where masked
+            keep = attention_mask[..., -nq:, :nk] > torch.finfo(attention_mask.dtype).min / 2
         z = z.masked_fill(~keep, float("-inf"))
         p = torch.softmax(z, dim=-1).nan_to_num(0.0)
-        positions = list(range(self.past, self.past + nq))
+        positions = list(self.positions)
         p = self.edit_probs(module.layer_idx, p, positions)
         out = p @ v
         out = self.edit_output(module.layer_idx, out)
@@ -128,8 +142,9 @@ class VAROracle(EagerOracle):
         min_nonsink_ratio,
         min_image_mass,
         layers,
+        mask="sdpa",
     ):
-        super().__init__(model, image_token_id)
+        super().__init__(model, image_token_id, mask)
         self.dims = sink_dims
         self.tau = tau
         self.fraction = moved_fraction
@@ -241,8 +256,8 @@ class PAIOracle(EagerOracle):
     """PAI: in ``layers``, the last query row's logits to image keys become ``z + alpha*|z|`` in every head
     (rows of the batch that have an image)."""
 
-    def __init__(self, model, image_token_id, *, alpha, layers):
-        super().__init__(model, image_token_id)
+    def __init__(self, model, image_token_id, *, alpha, layers, mask="sdpa"):
+        super().__init__(model, image_token_id, mask)
         self.alpha = alpha
         self.layers = set(layers)
 
@@ -354,8 +369,12 @@ class GIFTOracle(EagerOracle):
         head_fraction,
         informative: set[str] | None,
         generation_prompt=("assistant", ":"),
+        saliency_from: dict[int, torch.Tensor] | None = None,
     ):
         super().__init__(model, image_token_id)
+        #: the saliency layers' prefill probabilities of an earlier, separate pass (GIFT's released code
+        #: reads its saliency in an extra prefill); ``None``: this pass's own
+        self.saliency_from = saliency_from
         self.tokenizer = tokenizer
         self.saliency_layers = list(saliency_layers)
         self.enhance_layers = set(enhance_layers)
@@ -367,7 +386,7 @@ class GIFTOracle(EagerOracle):
         self.kept: list[list[int]] = []
 
     def new_prompt(self):
-        self.query, self.kept, self.seen, self.saliency = [], [], {}, None
+        self.query, self.kept, self.seen, self.saliency = [], [], dict(self.saliency_from or {}), None
         length = self.ids.shape[1]
         for b in range(self.ids.shape[0]):
             image = _positions(self.image[b])
@@ -384,7 +403,7 @@ class GIFTOracle(EagerOracle):
             self.kept.append([p for p, ok in zip(span, keep, strict=True) if ok])
 
     def edit_probs(self, layer, p, positions):
-        if self.past == 0 and layer in self.saliency_layers:
+        if self.past == 0 and layer in self.saliency_layers and self.saliency_from is None:
             self.seen[layer] = p.clone()
         if layer not in self.enhance_layers:
             return p

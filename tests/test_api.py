@@ -143,7 +143,7 @@ def test_paint_refuses_a_tower_without_cls():
         vision_feature_select_strategy="full",
     )
     model = LlavaForConditionalGeneration(config)
-    with pytest.raises(ConfigError, match="CLS token"):
+    with pytest.raises(UnsupportedModelError, match="CLS token"):
         apply_mitigation(model, "paint")
     with mitigated(model, "pai") as handle:  # the method that does not need one still applies
         assert handle.methods["pai"]["alpha"] == 0.5

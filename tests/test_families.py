@@ -4,7 +4,7 @@ import kit
 import pytest
 from oracles import VAROracle
 
-from mitigate import ConfigError, apply_mitigation, mitigated
+from mitigate import UnsupportedModelError, apply_mitigation, mitigated
 from mitigate.builtin import shapes_image, tiny_llava_next
 from mitigate.builtin.tiny_llava import IMAGE_TOKEN, VOCAB
 
@@ -55,7 +55,7 @@ def test_var_matches_independent_formula(next_model, next_batch, kernel):
 
 def test_paint_explains_why_not(next_model):
     model, _ = next_model
-    with pytest.raises(ConfigError, match="tiles"):
+    with pytest.raises(UnsupportedModelError, match="tiles"):
         apply_mitigation(model, "paint")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from oracles import VAROracle
 
-from mitigate import ConfigError, apply_mitigation, mitigated
+from mitigate import UnsupportedModelError, apply_mitigation, mitigated
 from mitigate.builtin import shapes_image, tiny_gemma3
 
 VAR = {"sink_dims": "auto", "tau": 1.5, "moved_fraction": 0.6, "min_nonsink_ratio": 0.3,
@@ -62,5 +62,5 @@ def test_generate_batched_equals_single(gemma, gemma_batch, spec):
 
 def test_paint_explains_why_not(gemma):
     model, _ = gemma
-    with pytest.raises(ConfigError, match="CLS"):
+    with pytest.raises(UnsupportedModelError, match="CLS"):
         apply_mitigation(model, "paint")

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from PIL import Image
 
 from .images import sample_image, shapes_image
 
 PREFIX = "builtin:"
-MODELS = ("tiny-llava", "tiny-llava-next", "tiny-gemma3", "toy-llava")
+#: tiny random models, one per family (``builtin:tiny-<family>``): module of mitigate.builtin and the
+#: keyword arguments of its ``build_model``
+TINY = {
+    "tiny-llava": ("tiny_llava", {}),
+    "tiny-llava-next": ("tiny_llava_next", {}),
+    "tiny-llava-onevision": ("tiny_llava_onevision", {}),
+    "tiny-qwen2-vl": ("tiny_qwen2_vl", {}),
+    "tiny-qwen2.5-vl": ("tiny_qwen2_5_vl", {}),
+    "tiny-qwen3-vl": ("tiny_qwen3_vl", {}),
+    "tiny-qwen3.5": ("tiny_qwen3_5", {}),
+    "tiny-gemma3": ("tiny_gemma3", {}),
+    "tiny-gemma4": ("tiny_gemma4", {}),
+    "tiny-internvl": ("tiny_internvl", {}),
+    "tiny-smolvlm": ("tiny_smolvlm", {}),
+    "tiny-idefics3": ("tiny_idefics3", {}),
+    "tiny-paligemma": ("tiny_paligemma", {}),
+    "tiny-paligemma2": ("tiny_paligemma", {"version": 2}),
+    "tiny-mistral3": ("tiny_mistral3", {}),
+}
+MODELS = (*TINY, "toy-llava")
 IMAGES = ("sample",)
 
 
@@ -18,18 +39,13 @@ def is_builtin(spec: str) -> bool:
 def load_model(spec: str, dtype=None):
     """``(model, processor)`` for a built-in model name such as ``builtin:tiny-llava``."""
     name = spec.removeprefix(PREFIX)
-    if name == "tiny-llava":
-        from . import tiny_llava
-
-        return tiny_llava.load(dtype=dtype)
-    if name == "tiny-llava-next":
-        from . import tiny_llava_next
-
-        return tiny_llava_next.load(dtype=dtype)
-    if name == "tiny-gemma3":
-        from . import tiny_gemma3
-
-        return tiny_gemma3.load(dtype=dtype)
+    if name in TINY:
+        module_name, kwargs = TINY[name]
+        module = import_module(f"{__name__}.{module_name}")
+        model = module.build_model(**kwargs)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model, module.build_processor()
     if name == "toy-llava":  # trained on the toy world (mitigate.builtin.toy_train), shipped as package data
         from . import toy_model
 

@@ -80,6 +80,8 @@ class TinyPixtralProcessor:
 
     def __call__(self, text=None, images=None, return_tensors: str | None = "pt", padding=True, **kwargs):
         texts = [text] if isinstance(text, str) else list(text)
+        if images is not None and not isinstance(images, list | tuple):
+            images = [images]  # one image, as the real processor accepts
         flat = (
             [im for row in images for im in (row if isinstance(row, list | tuple) else [row])]
             if images

@@ -12,8 +12,11 @@ Optional hooks, for methods that need more than the language model's own prefill
 
 * :meth:`Method.observe_vision` with the CLS row of the vision tower's attention in
   :meth:`Method.vision_layers` (PAINT), captured without asking the tower for attention maps;
-* :meth:`Method.probe_output` during one extra prefill that the session runs before the real one, on the
-  prompt rows plus their image-free twins, when :meth:`Method.needs_probe` (VHR);
+* :meth:`Method.probe_output` during one extra prefill that the session runs before the real one, when
+  :meth:`Method.needs_probe`: on the prompt rows plus their image-free twins when
+  :meth:`Method.probe_twins` (VHR), else on the prompt rows alone; :meth:`Method.probe_rows` asks for
+  some rows' probabilities in that pass (GIFT's saliency when it comes after the enhanced layers). One
+  probe pass serves every method that needs one;
 * :meth:`Method.observe_rows` / :meth:`Method.observe_probs`: the final attention probabilities of a few
   prompt rows in a layer (GIFT's saliency), computed for those rows only.
 
@@ -22,6 +25,7 @@ State lives in the ``state`` dict the session passes in (one per method per sess
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..context import ModelInfo, TokenLayout
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..plan import Rows, Stage
 
 
@@ -91,10 +95,19 @@ class Method:
     summary: ClassVar[str] = ""
     #: first layer edited by default; the default range runs from here to the last layer
     default_first_layer: ClassVar[int] = 2
+    #: what to use instead, when :meth:`unsupported` refuses a model
+    refusal_hint: ClassVar[str] = ""
+    #: whether the layers this method edits must see every prompt row at prefill (their input hidden
+    #: states, or their probabilities); Gemma 4's key/value-sharing layers see only the last one
+    every_row: ClassVar[bool] = False
 
     def __init__(
         self, config: MethodConfig, info: ModelInfo, preset: str | None = None, processor: Any = None
     ):
+        refusal = self.unsupported(info)
+        if refusal is not None:
+            message = f"{self.name} cannot run on this {info.family} model: it {refusal}. {self.refusal_hint}"
+            raise UnsupportedModelError(message.strip())
         self.config = config
         self.info = info
         self.preset = preset or self.name
@@ -103,6 +116,13 @@ class Method:
         self._edited_layers = frozenset(self.layers)
 
     # -- configuration ------------------------------------------------------------------------
+    @classmethod
+    def unsupported(cls, info: ModelInfo) -> str | None:
+        """Why this method cannot run on the model at all (a fact of its family, e.g. no CLS token in the
+        vision tower), as a phrase after "it", or ``None``. Checked at apply time; ``mitigate families``
+        prints it."""
+        return None
+
     def default_layers(self) -> list[int]:
         return list(range(min(self.default_first_layer, self.info.num_layers - 1), self.info.num_layers))
 
@@ -114,14 +134,36 @@ class Method:
         hi = min(depth - 1, max(lo, round(last * depth / reference_depth)))
         return list(range(lo, hi + 1))
 
-    def _check_layers(self, layers: list[int] | None, field: str) -> tuple[int, ...]:
+    def _check_layers(
+        self,
+        layers: list[int] | None,
+        field: str,
+        default: Callable[[], list[int]] | None = None,
+        every_row: bool | None = None,
+    ) -> tuple[int, ...]:
+        """Explicit ``layers`` checked against the model (the model's own numbering); ``None`` takes the
+        default (``default()`` or :meth:`default_layers`) kept to the layers this method can edit."""
+        every_row = self.every_row if every_row is None else every_row
         if layers is None:
-            layers = self.default_layers()
+            defaults = default() if default is not None else self.default_layers()
+            return tuple(sorted(self.info.onto_editable(defaults, every_row)))
         bad = [i for i in layers if not 0 <= i < self.info.num_layers]
         if bad:
             raise ConfigError(
                 f"{self.name}: {field} {bad} out of range; this model has {self.info.num_layers} language "
                 f"layers (0-based: 0..{self.info.num_layers - 1})"
+            )
+        valid = self.info.editable(every_row)
+        bad = [i for i in layers if i not in valid]
+        if bad:
+            attention = self.info.attention_layers
+            if attention is not None and any(i not in attention for i in bad):
+                why = "no attention mitigate can edit (linear-attention layers of a hybrid model)"
+            else:
+                why = "only the prompt's last row at prefill (key/value-sharing layers); this needs every row"
+            raise ConfigError(
+                f"{self.name}: {field} {bad} have {why}; the {self.info.family} model's layers this can "
+                f"use are {list(valid)}"
             )
         return tuple(sorted(layers))
 
@@ -152,6 +194,15 @@ class Method:
 
     def needs_probe(self) -> bool:
         return False
+
+    def probe_twins(self) -> bool:
+        """Whether the probe must also run the prompt's image-free twins (VHR compares the two)."""
+        return True
+
+    def probe_rows(self, layer_idx: int, state: dict[str, Any]) -> tuple[int, int] | None:
+        """During the probe: the span of prompt rows whose probabilities in this layer the method wants
+        (:meth:`observe_probs`, unedited probabilities of the probe pass), or ``None``."""
+        return None
 
     def probe_output(
         self, layer_idx: int, out: torch.Tensor, layout: TokenLayout, state: dict[str, Any]

@@ -12,9 +12,13 @@ scalar per row); the heads with the most user-query mass get their query probabi
 ``g``; the row is renormalised. A prompt with no informative query token, or a constant saliency map,
 gets no enhancement (logged at debug level), never NaN.
 
-The released code pays a whole extra eager prefill to get the saliency. Here the saliency layers only
-observe the few query rows they need, in the pass that generates, so enhance layers must come after the
-last saliency layer.
+The released code pays a whole extra eager prefill to get the saliency. Here, when every saliency layer
+precedes every enhanced layer (LLaVA's 11 and 12..22), the saliency layers only observe the few query
+rows they need in the pass that generates: no extra pass, the same numbers (the enhancement touches
+only the last row, after the saliency layers). Otherwise (the released Qwen2-VL setting: saliency 14,
+enhance 5..18) the saliency is read in one prefill probe before the real pass, as the released code
+does; with VHR in the same composition that one probe serves both, and the saliency then sees VHR's
+reinforced heads, as it would in the generating pass.
 """
 
 from __future__ import annotations
@@ -80,21 +84,21 @@ class GIFT(Method):
 
     def __init__(self, config: GIFTConfig, info: ModelInfo, preset: str | None = None, processor: Any = None):
         super().__init__(config, info, preset, processor)
+        # the saliency reads every query row's probabilities; the enhancement only the last row
         self.saliency = self._check_layers(
-            config.saliency_layers or self.scaled_layers(11, 11), "saliency_layers"
+            config.saliency_layers or None,
+            "saliency_layers",
+            default=lambda: self.scaled_layers(11, 11),
+            every_row=True,
         )
         self.enhance_at = self._check_layers(
-            config.enhance_layers or self.scaled_layers(12, 22), "enhance_layers"
+            config.enhance_layers or None, "enhance_layers", default=lambda: self.scaled_layers(12, 22)
         )
-        if min(self.enhance_at) <= max(self.saliency):
-            raise ConfigError(
-                f"gift: enhance_layers {list(self.enhance_at)} must all come after saliency_layers "
-                f"{list(self.saliency)}: the saliency is read in the same prefill pass that generates, so an "
-                "enhanced layer cannot precede it (the released Qwen2-VL setting, saliency 14 and enhance "
-                "5..18, would need an extra pass, which mitigate does not run)."
-            )
+        #: the saliency comes from a probe prefill (an enhanced layer does not follow every saliency layer)
+        self.probed = min(self.enhance_at) <= max(self.saliency)
         self.layers = tuple(sorted({*self.saliency, *self.enhance_at}))
-        self._edited_layers = frozenset(self.layers)
+        # with a probe, the generating pass only enhances
+        self._edited_layers = frozenset(self.enhance_at if self.probed else self.layers)
         self.processor = resolve_tokenizer(processor, info.name_or_path)
         if config.pos_filter and self.processor is None:
             raise ConfigError(
@@ -147,9 +151,19 @@ class GIFT(Method):
             observe_span=observe_span,
         )
 
+    def needs_probe(self) -> bool:
+        return self.probed
+
+    def probe_twins(self) -> bool:
+        return False  # the saliency reads the prompt rows only
+
+    def probe_rows(self, layer_idx: int, state: dict[str, Any]) -> tuple[int, int] | None:
+        span = state["observe_span"]
+        return span if self.probed and layer_idx in self.saliency and span[1] > span[0] else None
+
     def observe_rows(self, layer_idx: int, state: dict[str, Any]) -> tuple[int, int] | None:
         span = state["observe_span"]
-        return span if layer_idx in self.saliency and span[1] > span[0] else None
+        return span if not self.probed and layer_idx in self.saliency and span[1] > span[0] else None
 
     def observe_probs(
         self, layer_idx: int, probs: torch.Tensor, positions: torch.Tensor, state: dict[str, Any]

@@ -1,7 +1,9 @@
 """PAINT: dual-stream token selection on top of PAI ("Fixing Imbalanced Attention to Mitigate In-Context
 Hallucination of Large Vision-Language Model", 2025; code: hasanar1f/PAINT).
 
-The vision tower's CLS query picks two sets of patches per image: ``local`` = the top ``local_ratio`` of
+The vision tower's CLS query picks two sets of patches per image (where the projector merges patches
+into one image token, InternVL's 2x2 pixel shuffle, a token's attention is the sum over its patches and
+the sets are of tokens: the family's adapter does that mapping): ``local`` = the top ``local_ratio`` of
 patches by CLS attention (summed over heads) in the tower's first layer, and ``summary`` = the patches
 above ``Q3 + 1.5*IQR`` of that attention in the layer the projector reads; ``local -= summary``. In the
 edited language layers, the last query row's logits grow by ``alpha*|z|`` on local image keys and
@@ -19,7 +21,6 @@ import torch
 from pydantic import Field
 
 from ..context import ModelInfo, TokenLayout
-from ..errors import ConfigError
 from ..plan import LogitStage, Stage
 from .base import Method, MethodConfig, PlanContext
 from .registry import register_method
@@ -62,23 +63,21 @@ class PAINT(Method):
     name = "paint"
     Config = PAINTConfig
     summary = "PAI with CLS-chosen local and summary image tokens boosted by different amounts."
+    refusal_hint = "Use pai, which boosts every image token."
 
-    def __init__(
-        self, config: PAINTConfig, info: ModelInfo, preset: str | None = None, processor: Any = None
-    ):
-        super().__init__(config, info, preset, processor)
-        if not info.flat_image_features:
-            raise ConfigError(
-                f"paint: mapping CLS-chosen patches onto {info.family}'s image tokens (a base view, tiles "
-                "and row-end tokens) is not implemented; PAINT runs on LLaVA-1.5-style models. "
-                "Use pai, which boosts every image token."
-            )
+    @classmethod
+    def unsupported(cls, info: ModelInfo) -> str | None:
         if info.vision_feature_layer is None or not info.vision_has_cls:
-            raise ConfigError(
-                "paint needs a vision tower with a CLS token (CLIP): its token sets come from the CLS "
-                f"query's attention, and this {info.family} model's tower has none (SigLIP-style). "
-                "Use pai instead, which boosts every image token."
+            return (
+                "needs a vision tower with a CLS token (CLIP, InternViT): its token sets come from the CLS "
+                "query's attention to the patches, and this tower has none"
             )
+        if not info.flat_image_features:
+            return (
+                "maps the CLS-chosen patches onto image tokens one tower image after another; a base view "
+                "plus tiles and row-end tokens (any-resolution LLaVA) is not mapped"
+            )
+        return None
 
     def vision_layers(self) -> frozenset[int]:
         return frozenset({0, self.info.vision_feature_layer})
@@ -91,8 +90,8 @@ class PAINT(Method):
             state["cls"] = captured
 
     def observe_vision(self, layer_idx: int, cls_attention: torch.Tensor, state: dict[str, Any]) -> None:
-        # summed over heads; columns after the CLS token are the patches, in feature order
-        state.setdefault("cls", {})[layer_idx] = cls_attention.sum(1)[:, 1:]
+        # summed over heads; the adapter hands one column per image feature token, in feature order
+        state.setdefault("cls", {})[layer_idx] = cls_attention.sum(1)
 
     def _sets(self, layout: TokenLayout, state: dict[str, Any]) -> torch.Tensor:
         cls = state.pop("cls", {})  # consumed: a later prompt never reuses this image's capture

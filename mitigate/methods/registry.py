@@ -221,6 +221,4 @@ def check_compatible(methods: list[Method]) -> None:
     for pair, why in INCOMPATIBLE.items():
         if pair <= set(names):
             raise ConfigError(f"cannot combine {' and '.join(sorted(pair))}: {why}")
-    probes = [m.name for m in methods if m.needs_probe()]
-    if len(probes) > 1:
-        raise ConfigError(f"{' and '.join(probes)} each need their own extra prefill pass; apply one of them")
+    # methods that need a probe prefill (VHR, GIFT with its saliency after an enhanced layer) share one

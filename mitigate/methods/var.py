@@ -66,6 +66,7 @@ class VAR(Method):
     name = "var"
     Config = VARConfig
     summary = "Move attention from sink tokens to non-sink image tokens in image-centric heads."
+    every_row = True  # sinks are read from every prompt token's input hidden state
 
     def __init__(self, config: VARConfig, info: ModelInfo, preset: str | None = None, processor: Any = None):
         super().__init__(config, info, preset, processor)

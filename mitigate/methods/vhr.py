@@ -60,6 +60,9 @@ class VHR(Method):
             return out
         bsz = out.shape[0] // 2
         chosen = choose_heads(out[:bsz, -1], out[bsz:, -1], self.config.outlier_filter)
+        # a row without an image is its own twin: no head diverges (where a family's batched kernels are
+        # not bit-identical across rows, Qwen3.5's linear attention, noise would otherwise pick heads)
+        chosen = chosen & layout.has_image[:, None].to(chosen.device)
         state.setdefault("heads", {})[layer_idx] = chosen
         factor = torch.where(chosen, self.config.alpha, 1.0).to(out.dtype)  # [B, H]
         return out * factor.repeat(2, 1)[:, None, :, None]

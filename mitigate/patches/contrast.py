@@ -1,10 +1,11 @@
 """Image-free contrast (PAI's ``cfg_gamma``): every forward also runs each prompt without its image, in the
 same batch, and the next-token scores become ``gamma * (logp - logp_noimg) + logp_noimg``.
 
-Hooks on the top-level model double the batch on the way in (prompt rows, then their image-free twins,
-left-padded to the same length, with their own padding mask and positions) and fold it back on the way
-out, so ``generate`` sees ``B`` rows while the model and its cache hold ``2B``. The image-free rows have
-no image tokens, so the attention edits leave them alone. With ``cutoff``, tokens whose probability is
+Hooks on the top-level model double the batch on the way in (prompt rows, then their image-free twins:
+the family's adapter says which tokens an image span holds; left-padded to the same length, with their own
+padding mask and positions, 1-D or M-RoPE) and fold it back on the way out, so ``generate`` sees ``B``
+rows while the model and its cache hold ``2B``. The image-free rows have no image tokens, so the attention
+edits leave them alone. With ``cutoff``, tokens whose probability is
 below ``cutoff`` times the most likely one's get ``-inf`` (the released code's plausibility constraint).
 Only the last position's scores are contrasted: earlier positions keep the prompt rows' logits.
 """
@@ -20,7 +21,7 @@ from torch import nn
 from ..errors import MitigationError
 from ..kernels.masks import padding_of
 from .adapters import Adapter
-from .twins import NOT_ALIGNED, double_batch
+from .twins import NOT_ALIGNED, double_batch, twin_positions
 
 
 def contrast_scores(
@@ -49,7 +50,9 @@ class Contrast:
         self.enabled = True
         self.rows = 0
         self.twin_mask: torch.Tensor | None = None  # [B, T] padding mask of the image-free prompts
-        self.shift: torch.Tensor | None = None  # [B] positions the twins are behind (their missing images)
+        #: ``[..., B]``: how far the twins' positions are behind the prompt rows' (their missing images),
+        #: per leading row of the positions (M-RoPE: per rotary axis)
+        self.shift: torch.Tensor | None = None
         self._handles = [
             model.register_forward_pre_hook(self._before, with_kwargs=True),
             model.register_forward_hook(self._after, with_kwargs=True),
@@ -78,19 +81,27 @@ class Contrast:
             mask = torch.ones(bsz, past + ids.shape[1], dtype=torch.long, device=ids.device)
         if isinstance(mask, dict):
             raise MitigationError(
-                "mitigate: the image-free contrast (cfg_gamma) cannot pair per-layer-type masks (a static "
-                "cache on a family with sliding-window layers); use the default dynamic cache"
+                "mitigate: the image-free contrast (cfg_gamma) cannot pair per-layer-type masks (what "
+                "transformers builds for a static cache on Qwen-VL and sliding-window families); use the "
+                "default dynamic cache"
             )
         if prefill:
             if mask is None:  # generate drops the mask of unpadded batches
                 mask = torch.ones_like(ids)
             plain = mask if mask.dim() == 2 else padding_of(mask)
             pad = self.model.generation_config.pad_token_id
-            image = self.adapter.image_mask(ids, None)
+            span = self.adapter.span_mask(ids, self.adapter.image_mask(ids, None))
             kwargs["attention_mask"] = plain
-            kwargs, twin_mask = double_batch(kwargs, image, plain, 0 if pad is None else int(pad))
+            positions = kwargs.get("position_ids")
+            kwargs, twin_mask = double_batch(kwargs, span, plain, 0 if pad is None else int(pad))
+            kwargs = self.adapter.double_images(kwargs, bsz)
             self.twin_mask = twin_mask
-            self.shift = plain.sum(-1) - twin_mask.sum(-1)
+            if positions is not None:
+                positions = positions.expand(*positions.shape[:-2], bsz, positions.shape[-1])
+                twins = twin_positions(positions, plain, twin_mask)
+                self.shift = positions[..., -1] - twins[..., -1]
+            else:
+                self.shift = plain.sum(-1) - twin_mask.sum(-1)
             if mask.dim() == 4:  # a static cache: transformers built the 4-D mask outside the model
                 twin_keys = torch.nn.functional.pad(twin_mask.bool(), (0, mask.shape[-1] - ids.shape[1]))
                 causal = mask.new_ones(mask.shape[-2], mask.shape[-1]).tril()
@@ -115,8 +126,10 @@ class Contrast:
             kwargs["attention_mask"] = torch.cat([mask, twin])
             positions = kwargs.get("position_ids")
             if positions is not None:
-                twins = (positions - self.shift[:, None]).clamp_min(0)
-                kwargs["position_ids"] = torch.cat([positions, twins])
+                positions = positions.expand(*positions.shape[:-2], bsz, positions.shape[-1])
+                shift = self.shift if self.shift.dim() < positions.dim() else self.shift[0]
+                twins = (positions - shift[..., None]).clamp_min(0)
+                kwargs["position_ids"] = torch.cat([positions, twins], dim=-2)
         self.rows = bsz
         return args, kwargs
 

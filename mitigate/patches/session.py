@@ -9,8 +9,15 @@ attention and mask functions with transformers, switches only the language model
 * pre-hooks on the decoder layers whose input hidden state a method needs at prefill;
 * when a method reads the vision tower (PAINT), the tower's attention is routed here too, and the CLS
   query's probabilities are computed for the layers it asks for (one row, never the full map);
-* when a method needs a probe (VHR), the base model's pre-hook runs one extra prefill, on the prompt
-  rows and their image-free twins as one batch, before the real prefill.
+* when a method needs a probe (VHR; GIFT when its saliency layer does not precede its enhanced layers),
+  the base model's pre-hook runs one extra prefill before the real one: on the prompt rows plus their
+  image-free twins as one batch when a method compares the two (VHR), else on the prompt rows alone. One
+  probe serves every method that needs it.
+
+The family's adapter (:mod:`.adapters`) builds the token layout, the twins' positions (1-D or M-RoPE) and
+keeps model state that an extra prefill would overwrite (Qwen's ``rope_deltas``). A prefill call may carry
+fewer query rows than the prompt (Gemma 4's key/value-sharing layers get the last row only): they are the
+prompt's last rows.
 
 At prefill, the first attention call of each edited layer asks the methods for that layer's stages and
 keeps the :class:`~mitigate.plan.LayerPlan` for the whole generation, folded by the kernel for decode
@@ -36,10 +43,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..context import TokenLayout, build_layout
+from ..context import TokenLayout
 from ..errors import MitigationError
 from ..kernels import KernelCall, get_kernel, resolve_kernel, torch_attention
-from ..kernels.masks import padding_of
+from ..kernels.masks import causal_keep, padding_of
 from ..kernels.reference import probabilities
 from ..methods.base import Method, PlanContext
 from ..plan import LayerPlan
@@ -112,6 +119,7 @@ class Session:
         self._hidden = {layer for m in methods for layer in m.hidden_layers()}
         self._vision = {layer for m in methods for layer in m.vision_layers()}
         self._probe = any(m.needs_probe() for m in methods)
+        self._twins = any(m.needs_probe() and m.probe_twins() for m in methods)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.contrast: Contrast | None = None
         self._attention_modules: list[nn.Module] = []
@@ -213,10 +221,10 @@ class Session:
         mask = kwargs.get("attention_mask")
         if torch.is_tensor(mask) and mask.dim() == 4:  # a static cache: transformers built the 4-D mask
             mask = padding_of(mask)
-        image = self.adapter.image_mask(input_ids, embeds)
-        self.layout = build_layout(
-            image, mask if torch.is_tensor(mask) and mask.dim() == 2 else None, input_ids
+        self.layout = self.adapter.layout(
+            input_ids, embeds, mask if torch.is_tensor(mask) and mask.dim() == 2 else None
         )
+        self.adapter.check_inputs({**kwargs, "input_ids": input_ids}, self.layout)
         self.static = bool(getattr(cache, "is_compileable", False))
         self.decode_length = _static_length(cache) if self.static else self.layout.prompt_len + 64
         self.plans = {}
@@ -244,9 +252,10 @@ class Session:
 
     @torch.no_grad()
     def probe(self, base: nn.Module, args: tuple, kwargs: dict) -> None:
-        """One extra prefill of the multimodal model over ``2B`` rows: the prompt rows, then the same rows
-        without their image tokens (:mod:`.twins`); methods see every layer's head outputs. Going
-        through the family's own forward keeps its masks (bidirectional image blocks, windows) right."""
+        """One extra prefill of the multimodal model, over ``2B`` rows (the prompt rows, then the same rows
+        without their images, :mod:`.twins`) when a method compares the two, else over the prompt rows;
+        methods see every layer's head outputs and, where they ask, some rows' probabilities. Going through
+        the family's own forward keeps its masks (bidirectional image blocks, windows) right."""
         layout = self.layout
         call = dict(kwargs)
         if args:
@@ -259,16 +268,19 @@ class Session:
         mask = layout.valid.long() if not torch.is_tensor(mask) or mask.dim() != 2 else mask
         call["attention_mask"] = mask
         if call.get("position_ids") is None:
-            call["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        pad = (
-            getattr(self.model.generation_config, "pad_token_id", None)
-            if hasattr(self.model, "generation_config")
-            else None
-        )
-        doubled, _ = double_batch(call, layout.image, mask, 0 if pad is None else int(pad))
+            call["position_ids"] = self.adapter.prompt_positions(call, mask)
+        if self._twins:
+            pad = (
+                getattr(self.model.generation_config, "pad_token_id", None)
+                if hasattr(self.model, "generation_config")
+                else None
+            )
+            call, _ = double_batch(call, layout.image_span, mask, 0 if pad is None else int(pad))
+            call = self.adapter.double_images(call, layout.batch_size)
         self.probing = True
         try:
-            base(**doubled, use_cache=False)
+            with self.adapter.extra_pass():
+                base(**call, use_cache=False)
         finally:
             self.probing = False
 
@@ -295,6 +307,7 @@ class Session:
                     logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
                 )
             cls = torch.softmax(logits, dim=-1)[:, :, 0]  # [images, heads, tokens]
+            cls = self.adapter.cls_to_features(cls)  # [images, heads, image tokens]
             for method, state in zip(self.methods, self.state, strict=True):
                 if layer in method.vision_layers():
                     method.observe_vision(layer, cls, state)
@@ -319,6 +332,8 @@ class Session:
                 module, layer, query, key, value, attention_mask, dropout, scaling, **kwargs
             )
         if layer not in self._edited:
+            if self.prefill and self.layout is not None and not torch.compiler.is_compiling():
+                key, value, attention_mask = self._prompt_keys(module, query, key, value, attention_mask)
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
@@ -358,15 +373,13 @@ class Session:
     def _prefill_attention(self, module, layer, query, key, value, attention_mask, scaling, causal, window):
         """A prefill call: plan the layer (once per generation), let methods observe rows, run the plan."""
         length = self.layout.prompt_len
-        if self.static and key.shape[2] > length:  # a static cache's empty slots after the prompt
-            key, value = key[:, :, :length], value[:, :, :length]
-            if torch.is_tensor(attention_mask):
-                attention_mask = attention_mask[..., :length]
-        if key.shape[2] != length or query.shape[2] != length:
+        key, value, attention_mask = self._prompt_keys(module, query, key, value, attention_mask, False)
+        if key.shape[2] != length or not 0 < query.shape[2] <= length:
             raise MitigationError(
                 f"mitigate: layer {layer} got {query.shape[2]} queries and {key.shape[2]} keys at the "
                 f"prefill of a {self.layout.prompt_len}-token prompt; edits are planned over the whole prompt"
             )
+        past = length - query.shape[2]  # fewer rows (Gemma 4's shared layers): the prompt's last ones
         plan = self._plan(layer, query, key, scaling)
         if plan is not None and plan.core and self.static and window and window < self.decode_length:
             raise MitigationError(
@@ -378,19 +391,38 @@ class Session:
         call = KernelCall(
             scaling=scaling,
             causal=causal,
-            past=0,
+            past=past,
             stats=self.stats,
             window=window,
             key_valid=self.layout.valid,
             plain_mask=self.adapter.plain_masks,
         )
-        self._observe(layer, query, key, attention_mask, plan, call)
+        if past == 0:
+            self._observe(layer, query, key, attention_mask, plan, call)
         if plan is None:
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
+            mask = attention_mask
+            if mask is None and causal and 1 < query.shape[2] < key.shape[2]:
+                mask = causal_keep(query.shape[2], key.shape[2], query.device)[None, None]
+            out, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)
             return out
         if self.stats is not None:
-            self._count_rows(plan, 0, query.shape[2])
+            self._count_rows(plan, past, query.shape[2])
         return self.kernel.run(query, key, value, attention_mask, plan.to(query.device), call)
+
+    def _prompt_keys(self, module, query, key, value, attention_mask, bottom: bool = True):
+        """A prefill call's keys over the prompt only: a static cache's empty slots after the prompt are
+        cut off. With fewer query rows than prompt keys and no mask (Gemma 4's shared layers when
+        ``generate`` keeps rows), the rows are the prompt's last ones: with ``bottom``, the causal mask is
+        built bottom-right aligned (SDPA's own ``is_causal`` would align it top-left)."""
+        length = self.layout.prompt_len
+        if self.static and key.shape[2] > length:
+            key, value = key[:, :, :length], value[:, :, :length]
+            if torch.is_tensor(attention_mask):
+                attention_mask = attention_mask[..., :length]
+        nq, nk = query.shape[2], key.shape[2]
+        if bottom and attention_mask is None and 1 < nq < nk and getattr(module, "is_causal", True):
+            attention_mask = causal_keep(nq, nk, query.device)[None, None]
+        return key, value, attention_mask
 
     def _plan(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> LayerPlan | None:
         if layer in self.plans:
@@ -447,9 +479,23 @@ class Session:
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+        rows = self.layout.batch_size
         for method, state in zip(self.methods, self.state, strict=True):
-            if method.needs_probe():
-                out = method.probe_output(layer, out, self.layout, state)
+            if not method.needs_probe():
+                continue
+            span = method.probe_rows(layer, state)
+            if span is not None and query.shape[2] == self.layout.prompt_len:
+                # the prompt rows' probabilities (the twins, if any, follow them in the batch)
+                index = torch.arange(span[0], span[1], device=query.device)
+                call = KernelCall(
+                    scaling=scaling if scaling is not None else getattr(module, "scaling", None)
+                    or query.shape[-1] ** -0.5,
+                    causal=bool(getattr(module, "is_causal", True)),
+                )
+                mask = attention_mask[:rows] if torch.is_tensor(attention_mask) else attention_mask
+                probs = probabilities(query[:rows], key[:rows], mask, None, call, index)
+                method.observe_probs(layer, probs, index, state)
+            out = method.probe_output(layer, out, self.layout, state)
         return out, None
 
 
