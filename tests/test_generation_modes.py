@@ -49,15 +49,17 @@ def test_beam_search_with_contrast(tiny, padded):
 
 
 def test_decode_after_an_unmitigated_prefill_is_refused(tiny, single):
-    """A prompt prefilled inside ``disabled()`` has no plans: decoding it mitigated would silently skip the
-    edits, so it is refused (the first release fell back to plain attention without a word)."""
+    """A prompt prefilled inside ``disabled()`` has no plans of its own: decoding it mitigated would apply
+    another prompt's plans or none, so it is refused (the first release fell back to plain attention).
+    Interleaving a mitigated generation with a disabled one stays possible (each keeps its own cache)."""
     model, _ = tiny
     with mitigated(model, "pai") as handle, torch.no_grad():
+        model.generate(**single, max_new_tokens=2, do_sample=False)  # plans of an earlier prompt exist
         with handle.disabled():
             out = model(**single, use_cache=True)
         token = out.logits[:, -1].argmax(-1)[:, None]
         mask = torch.cat([single["attention_mask"], torch.ones_like(token)], dim=1)
-        with pytest.raises(MitigationError, match="without a mitigated prefill"):
+        with pytest.raises(MitigationError, match="not prefilled under this mitigation"):
             model(input_ids=token, attention_mask=mask, cache=out.cache, use_cache=True)
         # a whole generation inside the block is plain, and one after it is mitigated again
         with handle.disabled():

@@ -113,6 +113,7 @@ class Session:
         self.decode_length = 0  # keys the folded plans cover
         self.static = False  # the generation runs on a static (compilable) cache
         self._last_decode: dict[int, Any] = {}
+        self._cache: Any = None  # a weak reference to the cache the plans were made for
         self.state: list[dict[str, Any]] = [{} for _ in methods]
         self.probing = False
         self._edited = {layer for m in methods for layer in m.edited_layers()}
@@ -198,9 +199,7 @@ class Session:
             return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = _cached_length(cache)
-        if not self.enabled:  # a disabled block: no edits; a prompt prefilled there has no plans
-            if past == 0:
-                self.layout, self.plans, self.decode_plans = None, {}, {}
+        if not self.enabled:  # a disabled block runs plainly and leaves the mitigated generation as it was
             return
         self.past = past
         self.prefill = past == 0
@@ -212,10 +211,11 @@ class Session:
                     "whole prompt at its prefill (sinks, saliency, image spans), so they would silently "
                     "differ here; run the prompt in one prefill (no prefill_chunk_size, no reused cache)."
                 )
-            if self.layout is None:
+            if self.layout is None or (self._cache is not None and self._cache() is not cache):
                 raise MitigationError(
-                    "mitigate: a decode step without a mitigated prefill (was the mitigation applied in the "
-                    "middle of a generation?); start the generation again"
+                    "mitigate: a decode step on a cache whose prompt was not prefilled under this "
+                    "mitigation (applied in the middle of a generation, or prefilled inside disabled()); its "
+                    "edits would be missing or another prompt's: start the generation again"
                 )
             return
         mask = kwargs.get("attention_mask")
@@ -230,6 +230,7 @@ class Session:
         self.plans = {}
         # the last generation's folded plans: a static cache refills their storage (see _plan)
         self._last_decode, self.decode_plans = self.decode_plans, {}
+        self._cache = _weak(cache)  # decode steps must continue this prompt's cache
         for method, state in zip(self.methods, self.state, strict=True):
             method.reset(state, self.layout)
         if self._probe:
@@ -497,6 +498,16 @@ class Session:
                 method.observe_probs(layer, probs, index, state)
             out = method.probe_output(layer, out, self.layout, state)
         return out, None
+
+
+def _weak(cache: Any) -> Any:
+    """A weak reference to ``cache`` (``None`` without one), so the session never keeps a cache alive."""
+    if cache is None:
+        return None
+    try:
+        return weakref.ref(cache)
+    except TypeError:
+        return None
 
 
 def _cached_length(cache: Any) -> int:
