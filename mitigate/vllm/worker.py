@@ -84,6 +84,7 @@ class Worker:
         self.runner = runner
         model = runner.vllm_config.model_config
         self.info = model_info(model.architecture, model.hf_config, model.model)
+        self.markers = marker_ids(model.hf_config)
         self.methods = MethodCache(self.info)
         self.requests: dict[str, RequestEdits] = {}
         self.step: Step | None = None
@@ -144,7 +145,9 @@ class Worker:
             images.append(feature.identifier)
         if not images:
             return None  # every method edits attention to image tokens: a text-only prompt is left as is
-        return RequestEdits(methods, build_layout(image, None, ids), images)
+        # the image span includes the family's begin/end markers, as the HF adapters build it
+        span = image | torch.isin(ids, torch.tensor(self.markers, dtype=ids.dtype)) if self.markers else None
+        return RequestEdits(methods, build_layout(image, None, ids, span), images)
 
     def finish(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
@@ -198,6 +201,9 @@ class Worker:
             )
         for layer in sorted(wanted):
             cls = torch.stack([self.vision_rows[h][layer] for h in edits.images])  # [images, heads, tokens]
+            # one column per image feature token, as the HF adapters hand it (Adapter.cls_to_features):
+            # the CLIP towers PAINT runs on here have one token per patch, after the CLS column
+            cls = cls[..., 1:]
             for method, state in zip(edits.methods, edits.states, strict=True):
                 if layer in method.vision_layers():
                     method.observe_vision(layer, cls, state)
@@ -210,3 +216,16 @@ class Worker:
         cached = self.runner.encoder_cache
         for identifier in [h for h in self.vision_rows if h not in cached]:
             del self.vision_rows[identifier]
+
+
+def marker_ids(hf_config: Any) -> tuple[int, ...]:
+    """The token ids the model's family writes around its images (Qwen's vision start/end), from the HF
+    adapter of that family: the one place that knows them."""
+    from types import SimpleNamespace
+
+    from ..patches.adapters import adapters
+
+    for adapter in adapters():
+        if adapter.matches(hf_config):
+            return adapter(SimpleNamespace(config=hf_config)).marker_ids()
+    return ()

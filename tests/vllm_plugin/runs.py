@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from mitigate import apply_mitigation
-from mitigate.patches import adapters
 
 TOKENS = 4
 #: how close vLLM's logprobs must be to the HF path's (the issue's bar; seen: ~1e-5 in fp32)
@@ -85,24 +84,6 @@ def preemptions(llm) -> int:
 
 
 # -- the Hugging Face path -------------------------------------------------------------------------
-class Qwen2VLTestAdapter(adapters.Adapter):
-    """Enough of a Qwen2-VL adapter for these comparisons, until mitigate's own lands (issue 12)."""
-
-    family = "qwen2-vl"
-    config_classes = ("Qwen2VLConfig",)
-
-    def base_model(self):
-        return self.model.model
-
-    def language_model(self):
-        return self.model.model.language_model
-
-
-def ensure_qwen2_vl_adapter(monkeypatch) -> None:
-    if not any("Qwen2VLConfig" in a.config_classes for a in adapters.ADAPTERS):
-        monkeypatch.setattr(adapters, "ADAPTERS", [*adapters.ADAPTERS, Qwen2VLTestAdapter])
-
-
 def hf_spec(mitigation: Any) -> tuple[Any, dict]:
     """apply_mitigation's arguments for a request's mitigation value (the forms the tests use)."""
     if isinstance(mitigation, str):
