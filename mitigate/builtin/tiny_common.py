@@ -1,14 +1,15 @@
 """Shared pieces of the tiny offline family builders: a word-level tokenizer with a family's own special
-tokens, and the weight re-draw that makes a random model's attention peaked (DESIGN.md, facts about
-transformers 5.x).
+tokens, the weight re-draw that makes a random model's attention peaked (DESIGN.md, facts about
+transformers 5.x), and the ``build_model`` / ``load`` functions every family has in the same shape.
 
 Every ``tiny_<family>`` module builds its model from configs and its processor from these parts, with no
 download. The vocabulary is the small word list of :mod:`.tiny_llava` after the family's special tokens.
+Each family's facts (config values, special tokens, chat template) stay in its own module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -92,6 +93,53 @@ def finish(cls, config, name: str, seed: int, std: float, language: str, *, pad_
     model.generation_config.eos_token_id = eos_id
     model.generation_config.bos_token_id = None
     return model.eval()
+
+
+def model_builder(
+    cls,
+    build_config: Callable,
+    name: str,
+    tokenizer: Callable[[], PreTrainedTokenizerFast],
+    *,
+    pad: str,
+    eos: str,
+    language: str = "model.language_model",
+) -> Callable:
+    """A family's ``build_model(seed=0, *, std=0.15, **config_kwargs)``: ``cls`` of
+    ``build_config(**config_kwargs)`` through :func:`finish` (language model at dotted path ``language``),
+    with generation's pad and eos ids those of the tokens ``pad`` and ``eos`` in ``tokenizer()``."""
+
+    def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs):
+        tok = tokenizer()
+        return finish(
+            cls,
+            build_config(**config_kwargs),
+            name,
+            seed,
+            std,
+            language,
+            pad_id=token_id(tok, pad),
+            eos_id=token_id(tok, eos),
+        )
+
+    build_model.__doc__ = (
+        f"A tiny random ``{cls.__name__}`` ({name}) in eval mode, the same for the same seed; its 2-D "
+        "language weights re-drawn from N(0, std). ``config_kwargs`` go to ``build_config``."
+    )
+    return build_model
+
+
+def loader(build_model: Callable, build_processor: Callable) -> Callable:
+    """A family's ``load(seed=0, dtype=None)``: ``(build_model(seed), build_processor())``, the model cast to
+    ``dtype`` when one is given."""
+
+    def load(seed: int = 0, dtype: torch.dtype | None = None):
+        model = build_model(seed)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model, build_processor()
+
+    return load
 
 
 class MissingPart:

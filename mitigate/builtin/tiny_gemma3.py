@@ -17,6 +17,7 @@ from transformers import (
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
+from .tiny_common import loader
 from .tiny_llava import IMAGE_TOKEN, VOCAB, build_tokenizer, finish
 
 NAME = "builtin:tiny-gemma3"
@@ -99,8 +100,4 @@ def build_processor() -> Gemma3Processor:
     )
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+load = loader(build_model, build_processor)

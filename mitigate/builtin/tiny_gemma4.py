@@ -29,7 +29,7 @@ from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4Pro
 from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig, Gemma4VisionConfig
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-from .tiny_common import finish, token_id, without_missing_parts, word_tokenizer
+from .tiny_common import loader, model_builder, token_id, without_missing_parts, word_tokenizer
 
 NAME = "builtin:tiny-gemma4"
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -116,20 +116,15 @@ def build_config(*, hidden_size: int = 64, kv_shared_layers: int = SHARED_KV_LAY
     )
 
 
+_build_base = model_builder(
+    Gemma4ForConditionalGeneration, build_config, NAME, build_tokenizer, pad=PAD, eos=EOS
+)
+
+
 def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> Gemma4ForConditionalGeneration:
     """A tiny random Gemma 4; the tower's patch position table (initialised to ones: no spatial identity) is
     re-drawn too."""
-    tok = build_tokenizer()
-    model = finish(
-        Gemma4ForConditionalGeneration,
-        build_config(**config_kwargs),
-        NAME,
-        seed,
-        std,
-        "model.language_model",
-        pad_id=token_id(tok, PAD),
-        eos_id=token_id(tok, EOS),
-    )
+    model = _build_base(seed, std=std, **config_kwargs)
     table = model.model.vision_tower.patch_embedder.position_embedding_table
     with torch.no_grad():
         table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(seed + 2)) * 0.5)
@@ -150,8 +145,4 @@ def build_processor() -> Gemma4Processor:
     )
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+load = loader(build_model, build_processor)

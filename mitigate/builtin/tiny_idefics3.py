@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -26,7 +25,7 @@ from transformers import (
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-from .tiny_common import finish, token_id, word_tokenizer
+from .tiny_common import loader, model_builder, token_id, word_tokenizer
 
 NAME = "builtin:tiny-idefics3"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<|begin_of_text|>", "<|end_of_text|>"
@@ -99,29 +98,30 @@ def vision_kwargs() -> dict:
     }
 
 
-def build_config(*, num_layers: int = 4, hidden_size: int = 64) -> Idefics3Config:
-    tok = build_tokenizer()
-    return Idefics3Config(
-        text_config=language_config(tok, num_layers=num_layers, hidden_size=hidden_size),
-        vision_config=Idefics3VisionConfig(**vision_kwargs()),
-        image_token_id=token_id(tok, IMAGE),
-        scale_factor=SCALE_FACTOR,
-        pad_token_id=token_id(tok, PAD),
+def idefics_builders(config_cls, vision_config_cls, model_cls, name: str, tokenizer=build_tokenizer):
+    """``build_config`` and ``build_model`` of a tiny family with Idefics3's layout (Idefics3, SmolVLM): the
+    same Llama language model (at ``model.model.text_model``), tower and pixel shuffle, token ids from
+    ``tokenizer()``; only the classes, the name and the tokenizer's specials differ."""
+
+    def build_config(*, num_layers: int = 4, hidden_size: int = 64):
+        tok = tokenizer()
+        return config_cls(
+            text_config=language_config(tok, num_layers=num_layers, hidden_size=hidden_size),
+            vision_config=vision_config_cls(**vision_kwargs()),
+            image_token_id=token_id(tok, IMAGE),
+            scale_factor=SCALE_FACTOR,
+            pad_token_id=token_id(tok, PAD),
+        )
+
+    build_model = model_builder(
+        model_cls, build_config, name, tokenizer, pad=PAD, eos=END_UTTERANCE, language="model.text_model"
     )
+    return build_config, build_model
 
 
-def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> Idefics3ForConditionalGeneration:
-    tok = build_tokenizer()
-    return finish(
-        Idefics3ForConditionalGeneration,
-        build_config(**config_kwargs),
-        NAME,
-        seed,
-        std,
-        "model.text_model",
-        pad_id=token_id(tok, PAD),
-        eos_id=token_id(tok, END_UTTERANCE),
-    )
+build_config, build_model = idefics_builders(
+    Idefics3Config, Idefics3VisionConfig, Idefics3ForConditionalGeneration, NAME
+)
 
 
 def image_processor_kwargs() -> dict:
@@ -145,8 +145,4 @@ def language_model(model):
     return model.model.text_model
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+load = loader(build_model, build_processor)

@@ -20,7 +20,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Inter
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-from .tiny_common import finish, redraw, token_id, without_missing_parts, word_tokenizer
+from .tiny_common import loader, model_builder, redraw, token_id, without_missing_parts, word_tokenizer
 
 NAME = "builtin:tiny-internvl"
 PAD, UNK, IM_START, IM_END = "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"
@@ -92,21 +92,16 @@ def build_config(*, num_layers: int = 4, hidden_size: int = 64) -> InternVLConfi
     )
 
 
+_build_base = model_builder(
+    InternVLForConditionalGeneration, build_config, NAME, build_tokenizer, pad=PAD, eos=IM_END
+)
+
+
 def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> InternVLForConditionalGeneration:
     """A tiny random InternVL. Besides the language re-draw, the tower's CLS token and position embeddings
     (initialised to zeros, which makes the CLS attend uniformly to every patch) and its 2-D weights are
     re-drawn, so the CLS-to-patch attention that PAINT reads is peaked as in a trained tower."""
-    tok = build_tokenizer()
-    model = finish(
-        InternVLForConditionalGeneration,
-        build_config(**config_kwargs),
-        NAME,
-        seed,
-        std,
-        "model.language_model",
-        pad_id=token_id(tok, PAD),
-        eos_id=token_id(tok, IM_END),
-    )
+    model = _build_base(seed, std=std, **config_kwargs)
     tower = model.model.vision_tower
     gen = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
@@ -133,8 +128,4 @@ def build_processor() -> InternVLProcessor:
     )
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+load = loader(build_model, build_processor)

@@ -6,10 +6,10 @@ base view and tiles over a 2x2 grid of 32-pixel crops, as LLaVA-NeXT does at 336
 
 from __future__ import annotations
 
-import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
+from .tiny_common import loader
 from .tiny_llava import CHAT_TEMPLATE, IMAGE_SIZE, PATCH_SIZE, build_config, build_tokenizer, finish
 
 NAME = "builtin:tiny-llava-next"
@@ -46,8 +46,4 @@ def build_processor() -> LlavaNextProcessor:
     )
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+load = loader(build_model, build_processor)

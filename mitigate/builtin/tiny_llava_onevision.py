@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -30,7 +29,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
-from .tiny_common import finish, token_id, without_missing_parts, word_tokenizer
+from .tiny_common import loader, model_builder, token_id, without_missing_parts, word_tokenizer
 
 NAME = "builtin:tiny-llava-onevision"
 PAD, UNK, IM_START, IM_END, IMAGE, VIDEO = (
@@ -97,20 +96,9 @@ def build_config(*, num_layers: int = 4, hidden_size: int = 64) -> LlavaOnevisio
     )
 
 
-def build_model(
-    seed: int = 0, *, std: float = 0.15, **config_kwargs
-) -> LlavaOnevisionForConditionalGeneration:
-    tok = build_tokenizer()
-    return finish(
-        LlavaOnevisionForConditionalGeneration,
-        build_config(**config_kwargs),
-        NAME,
-        seed,
-        std,
-        "model.language_model",
-        pad_id=token_id(tok, PAD),
-        eos_id=token_id(tok, IM_END),
-    )
+build_model = model_builder(
+    LlavaOnevisionForConditionalGeneration, build_config, NAME, build_tokenizer, pad=PAD, eos=IM_END
+)
 
 
 def build_processor() -> LlavaOnevisionProcessor:
@@ -126,8 +114,4 @@ def build_processor() -> LlavaOnevisionProcessor:
     )
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+load = loader(build_model, build_processor)

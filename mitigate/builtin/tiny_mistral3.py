@@ -16,12 +16,11 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import BatchFeature, Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig
 from transformers.models.pixtral.configuration_pixtral import PixtralVisionConfig
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-from .tiny_common import finish, token_id, word_tokenizer
+from .tiny_common import loader, model_builder, token_id, word_tokenizer
 
 NAME = "builtin:tiny-mistral3"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -151,18 +150,9 @@ def build_config(*, num_layers: int = 4, hidden_size: int = 64) -> Mistral3Confi
     )
 
 
-def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> Mistral3ForConditionalGeneration:
-    tok = build_tokenizer()
-    return finish(
-        Mistral3ForConditionalGeneration,
-        build_config(**config_kwargs),
-        NAME,
-        seed,
-        std,
-        "model.language_model",
-        pad_id=token_id(tok, PAD),
-        eos_id=token_id(tok, EOS),
-    )
+build_model = model_builder(
+    Mistral3ForConditionalGeneration, build_config, NAME, build_tokenizer, pad=PAD, eos=EOS
+)
 
 
 def build_processor() -> TinyPixtralProcessor:
@@ -175,8 +165,4 @@ def build_processor() -> TinyPixtralProcessor:
     )
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+load = loader(build_model, build_processor)

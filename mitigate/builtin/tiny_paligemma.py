@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     Gemma2Config,
     GemmaConfig,
@@ -33,7 +32,7 @@ from transformers import (
 )
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from .tiny_common import finish, token_id, word_tokenizer
+from .tiny_common import finish, loader, token_id, word_tokenizer
 
 NAME = "builtin:tiny-paligemma"
 PAD, EOS, BOS, UNK, IMAGE = "<pad>", "<eos>", "<bos>", "<unk>", "<image>"
@@ -132,8 +131,4 @@ def build_processor() -> PaliGemmaProcessor:
     )
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+load = loader(build_model, build_processor)

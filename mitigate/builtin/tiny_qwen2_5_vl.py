@@ -12,22 +12,18 @@ Unlike Qwen2-VL, 3-VL and 3.5 (which raise), a forward without ``mm_token_type_i
 
 from __future__ import annotations
 
-import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
     Qwen2_5_VLTextConfig,
     Qwen2_5_VLVisionConfig,
 )
 
-from .tiny_common import finish, token_id, without_missing_parts
 from .tiny_qwen2_vl import (
     CHAT_TEMPLATE,
-    IM_END,
     MERGE,
-    PAD,
     PATCH_SIZE,
-    build_image_processor,
     build_tokenizer,
+    qwen_builders,
     special_ids,
     text_kwargs,
 )
@@ -53,28 +49,6 @@ def build_config(*, num_layers: int = 4, hidden_size: int = 64) -> Qwen2_5_VLCon
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special_ids(tokenizer))
 
 
-def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> Qwen2_5_VLForConditionalGeneration:
-    tokenizer = build_tokenizer()
-    return finish(
-        Qwen2_5_VLForConditionalGeneration,
-        build_config(**config_kwargs),
-        NAME,
-        seed,
-        std,
-        "model.language_model",
-        pad_id=token_id(tokenizer, PAD),
-        eos_id=token_id(tokenizer, IM_END),
-    )
-
-
-def build_processor() -> Qwen2_5_VLProcessor:
-    return without_missing_parts(Qwen2_5_VLProcessor)(
-        image_processor=build_image_processor(), tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE
-    )
-
-
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+build_model, build_processor, load = qwen_builders(
+    Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, build_config, NAME, CHAT_TEMPLATE
+)

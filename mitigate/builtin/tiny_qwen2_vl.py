@@ -22,7 +22,6 @@ Family facts (transformers 5.24; details in the project's family notes):
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -31,7 +30,7 @@ from transformers import (
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .tiny_common import finish, token_id, without_missing_parts, word_tokenizer
+from .tiny_common import loader, model_builder, token_id, without_missing_parts, word_tokenizer
 
 NAME = "builtin:tiny-qwen2-vl"
 PAD, UNK, IM_START, IM_END = "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"
@@ -89,12 +88,6 @@ def build_image_processor(patch_size: int = PATCH_SIZE, merge: int = MERGE) -> Q
     )
 
 
-def build_processor() -> Qwen2VLProcessor:
-    return without_missing_parts(Qwen2VLProcessor)(
-        image_processor=build_image_processor(), tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE
-    )
-
-
 def special_ids(tokenizer=None) -> dict[str, int]:
     tokenizer = tokenizer or build_tokenizer()
     return {
@@ -139,23 +132,23 @@ def build_config(*, num_layers: int = 4, hidden_size: int = 64) -> Qwen2VLConfig
     return Qwen2VLConfig(text_config=text, vision_config=vision, **special_ids(tokenizer))
 
 
-def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> Qwen2VLForConditionalGeneration:
-    """A tiny random Qwen2-VL in eval mode; 2-D language weights re-drawn from N(0, std)."""
-    tokenizer = build_tokenizer()
-    return finish(
-        Qwen2VLForConditionalGeneration,
-        build_config(**config_kwargs),
-        NAME,
-        seed,
-        std,
-        "model.language_model",
-        pad_id=token_id(tokenizer, PAD),
-        eos_id=token_id(tokenizer, IM_END),
-    )
+def qwen_builders(
+    model_cls, processor_cls, build_config, name: str, chat_template: str, tokenizer=build_tokenizer
+):
+    """``build_model``, ``build_processor`` and ``load`` of a tiny Qwen-VL family (Qwen2-VL, 2.5-VL, 3-VL,
+    3.5): ``model_cls`` from ``build_config``, language model at ``model.language_model``, pad
+    ``<|endoftext|>`` and eos ``<|im_end|>`` of ``tokenizer()``; the processor ``processor_cls`` over
+    Qwen2-VL's image processor, ``tokenizer()`` and ``chat_template``, with no video processor."""
+    build_model = model_builder(model_cls, build_config, name, tokenizer, pad=PAD, eos=IM_END)
+
+    def build_processor():
+        return without_missing_parts(processor_cls)(
+            image_processor=build_image_processor(), tokenizer=tokenizer(), chat_template=chat_template
+        )
+
+    return build_model, build_processor, loader(build_model, build_processor)
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+build_model, build_processor, load = qwen_builders(
+    Qwen2VLForConditionalGeneration, Qwen2VLProcessor, build_config, NAME, CHAT_TEMPLATE
+)

@@ -16,19 +16,18 @@ closes an empty think block after the assistant marker, as Qwen3.5 does with thi
 
 from __future__ import annotations
 
-import torch
 from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
 from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig, Qwen3_5VisionConfig
 
-from .tiny_common import finish, token_id, without_missing_parts
+from .tiny_common import token_id
 from .tiny_qwen2_vl import (
     IM_END,
     MERGE,
     PAD,
     PATCH_SIZE,
     SPECIALS,
-    build_image_processor,
     build_tokenizer,
+    qwen_builders,
     special_ids,
 )
 
@@ -95,28 +94,6 @@ def build_config(*, layer_types: list[str] | None = None, hidden_size: int = 64)
     return Qwen3_5Config(text_config=text, vision_config=vision, **special_ids(tok))
 
 
-def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> Qwen3_5ForConditionalGeneration:
-    tok = tokenizer()
-    return finish(
-        Qwen3_5ForConditionalGeneration,
-        build_config(**config_kwargs),
-        NAME,
-        seed,
-        std,
-        "model.language_model",
-        pad_id=token_id(tok, PAD),
-        eos_id=token_id(tok, IM_END),
-    )
-
-
-def build_processor() -> Qwen3VLProcessor:
-    return without_missing_parts(Qwen3VLProcessor)(
-        image_processor=build_image_processor(), tokenizer=tokenizer(), chat_template=CHAT_TEMPLATE
-    )
-
-
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+build_model, build_processor, load = qwen_builders(
+    Qwen3_5ForConditionalGeneration, Qwen3VLProcessor, build_config, NAME, CHAT_TEMPLATE, tokenizer=tokenizer
+)

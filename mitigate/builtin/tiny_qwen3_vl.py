@@ -15,12 +15,11 @@ Differences that matter for attention edits:
 
 from __future__ import annotations
 
-import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
-from .tiny_common import finish, token_id, without_missing_parts
-from .tiny_qwen2_vl import IM_END, MERGE, PAD, PATCH_SIZE, build_image_processor, build_tokenizer, special_ids
+from .tiny_common import token_id
+from .tiny_qwen2_vl import MERGE, PAD, PATCH_SIZE, build_tokenizer, qwen_builders, special_ids
 
 NAME = "builtin:tiny-qwen3-vl"
 
@@ -71,28 +70,6 @@ def build_config(*, num_layers: int = 4, hidden_size: int = 64) -> Qwen3VLConfig
     return Qwen3VLConfig(text_config=text, vision_config=vision, **special_ids(tokenizer))
 
 
-def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> Qwen3VLForConditionalGeneration:
-    tokenizer = build_tokenizer()
-    return finish(
-        Qwen3VLForConditionalGeneration,
-        build_config(**config_kwargs),
-        NAME,
-        seed,
-        std,
-        "model.language_model",
-        pad_id=token_id(tokenizer, PAD),
-        eos_id=token_id(tokenizer, IM_END),
-    )
-
-
-def build_processor() -> Qwen3VLProcessor:
-    return without_missing_parts(Qwen3VLProcessor)(
-        image_processor=build_image_processor(), tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE
-    )
-
-
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+build_model, build_processor, load = qwen_builders(
+    Qwen3VLForConditionalGeneration, Qwen3VLProcessor, build_config, NAME, CHAT_TEMPLATE
+)

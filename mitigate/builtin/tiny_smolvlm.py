@@ -9,24 +9,19 @@ tower ``model.model.vision_model`` (no CLS), connector ``model.model.connector``
 
 from __future__ import annotations
 
-import torch
 from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from .tiny_common import MissingPart, finish, token_id, without_missing_parts
+from .tiny_common import MissingPart, loader, without_missing_parts
 from .tiny_idefics3 import (
     END_UTTERANCE,
-    IMAGE,
-    PAD,
-    SCALE_FACTOR,
     SPECIALS,
     TOKENS_PER_TILE,
     build_tokenizer,
+    idefics_builders,
     image_processor_kwargs,
-    language_config,
     language_model,
-    vision_kwargs,
 )
 
 NAME = "builtin:tiny-smolvlm"
@@ -49,29 +44,9 @@ def tokenizer():
     return build_tokenizer(SMOL_SPECIALS, bos=IM_START, eos=END_UTTERANCE)
 
 
-def build_config(*, num_layers: int = 4, hidden_size: int = 64) -> SmolVLMConfig:
-    tok = tokenizer()
-    return SmolVLMConfig(
-        text_config=language_config(tok, num_layers=num_layers, hidden_size=hidden_size),
-        vision_config=SmolVLMVisionConfig(**vision_kwargs()),
-        image_token_id=token_id(tok, IMAGE),
-        scale_factor=SCALE_FACTOR,
-        pad_token_id=token_id(tok, PAD),
-    )
-
-
-def build_model(seed: int = 0, *, std: float = 0.15, **config_kwargs) -> SmolVLMForConditionalGeneration:
-    tok = tokenizer()
-    return finish(
-        SmolVLMForConditionalGeneration,
-        build_config(**config_kwargs),
-        NAME,
-        seed,
-        std,
-        "model.text_model",
-        pad_id=token_id(tok, PAD),
-        eos_id=token_id(tok, END_UTTERANCE),
-    )
+build_config, build_model = idefics_builders(
+    SmolVLMConfig, SmolVLMVisionConfig, SmolVLMForConditionalGeneration, NAME, tokenizer=tokenizer
+)
 
 
 def build_processor() -> SmolVLMProcessor:
@@ -85,11 +60,7 @@ def build_processor() -> SmolVLMProcessor:
     )
 
 
-def load(seed: int = 0, dtype: torch.dtype | None = None):
-    model = build_model(seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model, build_processor()
+load = loader(build_model, build_processor)
 
 
 __all__ = ["build_config", "build_model", "build_processor", "language_model", "load"]

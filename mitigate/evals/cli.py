@@ -59,10 +59,29 @@ def _splits(values: list[str] | None) -> list[str] | None:
     return [s.strip() for v in values for s in v.split(",") if s.strip()]
 
 
-def _run_config(**kw: Any):
+#: the parameters of an ``eval`` command that make its run configuration (``set_`` is parsed into ``sets``)
+RUN_OPTIONS = (
+    "model",
+    "method",
+    "set_",
+    "kernel",
+    "dtype",
+    "device_map",
+    "attn_implementation",
+    "batch_size",
+    "max_new_tokens",
+    "out",
+    "progress",
+)
+
+
+def _run_config(params: dict[str, Any]):
+    """The ``RunConfig`` of an ``eval`` command from its parameters (its ``locals()``): the RUN_OPTIONS, by
+    name, so every command passes them the same way."""
     from ..method_options import parse_sets
     from .evaluate import RunConfig
 
+    kw = {name: params[name] for name in RUN_OPTIONS}
     kw["sets"] = parse_sets(kw.pop("set_"))
     return RunConfig(**kw)
 
@@ -138,20 +157,7 @@ def eval_pope(
             parser=parser,
             limit=limit,
         )
-        cfg = _run_config(
-            model=model,
-            method=method,
-            set_=set_,
-            kernel=kernel,
-            dtype=dtype,
-            device_map=device_map,
-            attn_implementation=attn_implementation,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            out=out,
-            progress=progress,
-        )
-        results = evaluate(task, cfg)
+        results = evaluate(task, _run_config(locals()))
         if results is not None:
             _print_results(results)
 
@@ -198,20 +204,7 @@ def eval_chair(
             limit=limit,
             prompt=prompt,
         )
-        cfg = _run_config(
-            model=model,
-            method=method,
-            set_=set_,
-            kernel=kernel,
-            dtype=dtype,
-            device_map=device_map,
-            attn_implementation=attn_implementation,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            out=out,
-            progress=progress,
-        )
-        results = evaluate(task, cfg)
+        results = evaluate(task, _run_config(locals()))
         if results is not None:
             _print_results(results)
 

@@ -100,14 +100,8 @@ def compare(
             else:
                 if trihe_data is None or image_root is None:
                     raise ValueError("--benchmarks trihe needs --trihe-data tri-he.json and --image-root DIR")
-                judging = judge_config(
-                    judge,
-                    judge_url,
-                    judge_model,
-                    judge_concurrency,
-                    judge_timeout,
-                    judge_cache or runs / "judge_cache.jsonl",  # one cache for every setting's answers
-                )
+                # one cache for every setting's answers
+                judging = judge_config(locals(), judge_cache or runs / "judge_cache.jsonl")
                 task = TriheTask(
                     trihe_data, judge=judging, image_root=image_root, limit=limit, progress=progress
                 )

@@ -4,7 +4,7 @@ the ``--judge*`` options that ``mitigate compare`` shares."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -58,10 +58,17 @@ JudgeCacheOpt = Annotated[
 TriheLimitOpt = Annotated[int | None, typer.Option(min=1, help="the first N images, all their questions")]
 
 
-def judge_config(
-    judge: str, url: str, model: str | None, concurrency: int, timeout: float, cache: Path | None
-) -> JudgeConfig:
-    return JudgeConfig(judge, url, model, concurrency=concurrency, timeout=timeout, cache=cache)
+def judge_config(params: dict[str, Any], cache: Path | None) -> JudgeConfig:
+    """The judge of a command from its ``--judge*`` parameters (its ``locals()``, read by name), its replies
+    cached in ``cache``."""
+    return JudgeConfig(
+        params["judge"],
+        params["judge_url"],
+        params["judge_model"],
+        concurrency=params["judge_concurrency"],
+        timeout=params["judge_timeout"],
+        cache=cache,
+    )
 
 
 def _print_note(results: dict) -> None:
@@ -99,22 +106,9 @@ def eval_trihe(
     from .trihe import TriheTask
 
     with _clean_errors():
-        cfg = _run_config(
-            model=model,
-            method=method,
-            set_=set_,
-            kernel=kernel,
-            dtype=dtype,
-            device_map=device_map,
-            attn_implementation=attn_implementation,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            out=out,
-            progress=progress,
-        )
+        cfg = _run_config(locals())
         cfg.out = cfg.out or default_out("trihe", model, method, cfg.sets)
-        cache = judge_cache or cfg.out / "judge_cache.jsonl"
-        judging = judge_config(judge, judge_url, judge_model, judge_concurrency, judge_timeout, cache)
+        judging = judge_config(locals(), judge_cache or cfg.out / "judge_cache.jsonl")
         task = TriheTask(data, judge=judging, image_root=image_root, limit=limit, progress=progress)
         results = evaluate(task, cfg)
     if results is not None:
@@ -144,14 +138,7 @@ def score_trihe_cmd(
 
     path = out or answers.with_name(f"{answers.stem}.trihe_metrics.json")
     with _clean_errors():
-        judging = judge_config(
-            judge,
-            judge_url,
-            judge_model,
-            judge_concurrency,
-            judge_timeout,
-            judge_cache or path.with_name(f"{path.stem}.judge_cache.jsonl"),
-        )
+        judging = judge_config(locals(), judge_cache or path.with_name(f"{path.stem}.judge_cache.jsonl"))
         result, records = score_trihe(data, answers, judging, progress=progress)
     write_json(path, result)
     samples = path.with_name(f"{path.stem}.samples.jsonl")
