@@ -218,10 +218,30 @@ def _materialised(query, key, value, mask, plan: LayerPlan, call: KernelCall, se
         if keep is not None:
             p = p.nan_to_num_(0.0)  # fully masked (padding) rows
         for rule, terms in rule_keys:
-            p = rule.apply(p, terms, query_rows(rule.rows, call, index), stats)
+            rows_on = query_rows(rule.rows, call, index)
+            if isinstance(rule, VarRule):
+                p = _var_in_place(p, rule, terms["groups"], rows_on, stats)
+            else:
+                p = rule.apply(p, terms, rows_on, stats)
         p = p.to(value.dtype).view(bsz, kv_heads, groups * rows, nk)
         outs.append(_matmul_f32(p, value).view(bsz, heads, rows, dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _var_in_place(
+    p: torch.Tensor, rule: VarRule, groups: torch.Tensor, rows: torch.Tensor, stats
+) -> torch.Tensor:
+    """:meth:`VarRule.apply` with one full-size temporary: masses by scatter-add, each key's factor
+    (renormalised in group space) gathered once and multiplied in place."""
+    index = groups[:, None, None, :].expand(p.shape)
+    masses = p.new_zeros(*p.shape[:-1], rule.num_groups).scatter_add_(-1, index, p)
+    coef, gate = var_coefficients(masses, rule)
+    gate = gate & rows[:, None, :]
+    if stats is not None:
+        stats.var(rule, masses, gate, rows)
+    total = (coef * masses).sum(-1, keepdim=True)  # 1 up to rounding: VAR moves mass, it keeps the sum
+    factor = torch.where((gate & (total[..., 0] > 0))[..., None], coef / total.clamp_min(1e-30), 1.0)
+    return p.mul_(factor.gather(-1, index))
 
 
 # -- grouped partial states ---------------------------------------------------------------------
