@@ -29,7 +29,10 @@ step kernels 150 env MITIGATE_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=ci python3 -m 
   tests/test_kernels.py tests/test_triton_grouped.py
 # 2. one attention layer (LLaVA-1.5-7B shapes, bf16): the fused kernel vs SDPA at T = 600, 2900, 8192
 step triton_attention 75 python3 benchmarks/triton_attention.py --out "$OUT/triton-attention-cuda.json"
-step attention 45 python3 benchmarks/attention.py --device cuda --out "$OUT/attention-cuda-bfloat16.json"
+# (its "triton" decode row is the fused kernel with its epilogue; eager generation defaults to the torch
+# kernel's folded step for decode, which launches fewer kernels: compare the two here)
+step attention 45 env MITIGATE_TRITON_EAGER_DECODE=fused python3 benchmarks/attention.py --device cuda \
+  --out "$OUT/attention-cuda-bfloat16.json"
 # 3. generation, LLaVA-1.5-7B shapes with random weights: dynamic cache eagerly, then the compiled static
 #    cache with CUDA graphs (dynamo + cudagraphs: the inductor backend compiles each configuration for
 #    minutes; `--compile-backend inductor` in a longer session)

@@ -312,6 +312,9 @@ def test_triton_kernel_every_kind(kind, monkeypatch):
     """The fused kernel's executor (interpreted on CPU: TRITON_INTERPRET=1, see conftest) against the
     reference: prefill (run), and decode with a dynamic and a static cache (prepare + decode)."""
     pytest.importorskip("triton")
+    from mitigate.kernels import triton_plan
+
+    monkeypatch.setattr(triton_plan, "EAGER_DECODE", "fused")
     for seed, phase in enumerate(["prefill", "decode", "static"]):
         case = {
             **dict(bsz=2, kv_heads=2, ratio=2, dim=16, prompt=20, generated=2, phase=phase, causal=True),
@@ -327,6 +330,7 @@ def test_triton_kernel_takes_the_fused_path(monkeypatch):
     pytest.importorskip("triton")
     from mitigate.kernels import triton_plan
 
+    monkeypatch.setattr(triton_plan, "EAGER_DECODE", "fused")
     monkeypatch.setattr(triton_plan, "torch_attention", lambda *a, **k: 1 / 0)
     monkeypatch.setattr(triton_plan, "torch_decode", lambda *a, **k: 1 / 0)
     for kind in ("abs", "var", "gift", "abs+var", "scale"):

@@ -13,7 +13,11 @@ SPECS = ["var-tiny", "gift", "vhr", "paint", "pai", "pai-released", "vaf", ["pai
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS, ids=str)
-def test_triton_kernel_equals_reference_end_to_end(tiny, padded, spec):
+@pytest.mark.parametrize("decode", ["fused", "torch"])
+def test_triton_kernel_equals_reference_end_to_end(tiny, padded, spec, decode, monkeypatch):
+    from mitigate.kernels import triton_plan
+
+    monkeypatch.setattr(triton_plan, "EAGER_DECODE", decode)  # eager decode steps: fused kernel or torch's
     model, processor = tiny
     fused, _, _ = kit.mitigated_trace(model, padded, spec, steps=3, kernel="triton", processor=processor)
     reference, _, plain = kit.mitigated_trace(
