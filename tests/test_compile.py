@@ -49,15 +49,13 @@ def max_diff(a, b) -> float:
     return float(torch.stack(diffs).max().nan_to_num(float("inf")))
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=str)
-def test_static_compiled_equals_eager(tiny, spec):
-    model, processor = tiny
-    first = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(0)])
-    second = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(3)])  # the same shape, another image
+def check_compiled(model, processor, spec, first, second, kernel: str = "auto"):
+    """Under ``spec``, the compiled static-cache run gives the eager logits on two prompts of one shape,
+    compiles the decode step, and the second prompt adds no graph; returns the vanilla output."""
     counter = GraphCounter()
     torch._dynamo.reset()
     vanilla = model.generate(**first, **GENERATE)
-    with mitigated(model, spec, processor=processor):
+    with mitigated(model, spec, processor=processor, kernel=kernel):
         eager = model.generate(**first, **GENERATE)
         fast = model.generate(**first, **GENERATE, **compiled(counter))
         graphs = counter.graphs
@@ -68,6 +66,15 @@ def test_static_compiled_equals_eager(tiny, spec):
     assert max_diff(fast_second, eager_second) <= 1e-4
     assert graphs >= 1, "the decode step must have been compiled"
     assert counter.graphs == graphs, "a second prompt of the same shape must reuse the compiled graph"
+    return vanilla
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_static_compiled_equals_eager(tiny, spec):
+    model, processor = tiny
+    first = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(0)])
+    second = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(3)])  # the same shape, another image
+    vanilla = check_compiled(model, processor, spec, first, second)
     # removal: the compiled plain model is plain again
     plain = model.generate(**first, **GENERATE, **compiled(GraphCounter()))
     assert max_diff(plain, vanilla) <= 1e-4
@@ -93,13 +100,4 @@ def test_static_compiled_triton_kernel(tiny, spec):
     model, processor = tiny
     first = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(0)])
     second = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(3)])
-    counter = GraphCounter()
-    torch._dynamo.reset()
-    with mitigated(model, spec, processor=processor, kernel="triton"):
-        eager = model.generate(**first, **GENERATE)
-        fast = model.generate(**first, **GENERATE, **compiled(counter))
-        graphs = counter.graphs
-        fast_second = model.generate(**second, **GENERATE, **compiled(counter))
-        eager_second = model.generate(**second, **GENERATE)
-    assert max_diff(fast, eager) <= 1e-4 and max_diff(fast_second, eager_second) <= 1e-4
-    assert graphs >= 1 and counter.graphs == graphs
+    check_compiled(model, processor, spec, first, second, kernel="triton")

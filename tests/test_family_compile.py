@@ -6,14 +6,12 @@ in its full layers compile)."""
 
 import family_kit as fk
 import pytest
-import torch
-from test_compile import GraphCounter, compiled, max_diff
+from test_compile import GENERATE, check_compiled
 
 from mitigate import MitigationError, mitigated
 
 pytestmark = pytest.mark.slow
 
-GENERATE = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
 CASES = {
     "qwen2-vl": {"pai": {}},
     "gemma3": {"pai": {"layers": [1, 3]}, "vhr": {}},  # its full-attention layers
@@ -29,21 +27,7 @@ def test_static_compiled_equals_eager(family):
     model, processor = fk.tiny(family)
     first, second = prompt(processor, 2), prompt(processor, 5)  # the same shape, another image
     assert first["input_ids"].shape == second["input_ids"].shape
-    spec = CASES[family]
-    counter = GraphCounter()
-    torch._dynamo.reset()
-    vanilla = model.generate(**first, **GENERATE)
-    with mitigated(model, spec, processor=processor):
-        eager = model.generate(**first, **GENERATE)
-        fast = model.generate(**first, **GENERATE, **compiled(counter))
-        graphs = counter.graphs
-        eager_second = model.generate(**second, **GENERATE)
-        fast_second = model.generate(**second, **GENERATE, **compiled(counter))
-    assert max_diff(eager, vanilla) > 1e-3, f"{spec} did not change the logits"
-    assert max_diff(fast, eager) <= 1e-4
-    assert max_diff(fast_second, eager_second) <= 1e-4
-    assert graphs >= 1, "the decode step must have been compiled"
-    assert counter.graphs == graphs, "a second prompt of the same shape must reuse the compiled graph"
+    check_compiled(model, processor, CASES[family], first, second)
 
 
 def test_gemma3_sliding_layers_refuse_a_static_cache_longer_than_the_window():
