@@ -79,12 +79,12 @@ class Contrast:
         bsz = ids.shape[0]
         if mask is None and not prefill:  # generate drops the mask of unpadded batches (dynamic cache)
             mask = torch.ones(bsz, past + ids.shape[1], dtype=torch.long, device=ids.device)
-        if isinstance(mask, dict):
-            raise MitigationError(
-                "mitigate: the image-free contrast (cfg_gamma) cannot pair per-layer-type masks (what "
-                "transformers builds for a static cache on Qwen-VL and sliding-window families); use the "
-                "default dynamic cache"
-            )
+        if prefill and isinstance(mask, dict):
+            # per-layer-type masks (a static cache on Qwen-VL, Gemma, ...): hand the model the plain padding
+            # mask instead, so its own mask builders make every layer type's mask for the doubled batch
+            _refuse_rolling_windows(cache)
+            full = [value for value in mask.values() if value is not None and value.dim() == 4]
+            mask = padding_of(max(full, key=lambda value: value.shape[-1])) if full else None
         if prefill:
             if mask is None:  # generate drops the mask of unpadded batches
                 mask = torch.ones_like(ids)
@@ -110,20 +110,17 @@ class Contrast:
         else:
             if self.twin_mask is None or self.twin_mask.shape[0] != bsz:
                 return None
-            prompt = self.twin_mask.shape[1]
-            if mask.dim() == 2:
-                twin = torch.cat([self.twin_mask.to(mask.dtype), mask[:, prompt:]], dim=1)
-            else:  # 4-D: the prompt's keys follow the twins' padding, later slots as the prompt rows
-                keys = torch.nn.functional.pad(self.twin_mask.bool(), (0, mask.shape[-1] - prompt))
-                in_prompt = torch.arange(mask.shape[-1], device=mask.device) < prompt
-                twin = torch.where(in_prompt, keys[:, None, None, :], mask)
+            if isinstance(mask, dict):
+                mask = {kind: self._doubled_mask(value, kind) for kind, value in mask.items()}
+            else:
+                mask = self._doubled_mask(mask, "")
             doubled = {
                 key: torch.cat([value, value])  # the new tokens are the same in both halves
                 for key, value in kwargs.items()
                 if key not in NOT_ALIGNED and torch.is_tensor(value) and value.shape == ids.shape
             }
             kwargs.update(doubled, input_ids=torch.cat([ids, ids]))
-            kwargs["attention_mask"] = torch.cat([mask, twin])
+            kwargs["attention_mask"] = mask
             positions = kwargs.get("position_ids")
             if positions is not None:
                 positions = positions.expand(*positions.shape[:-2], bsz, positions.shape[-1])
@@ -132,6 +129,25 @@ class Contrast:
                 kwargs["position_ids"] = torch.cat([positions, twins], dim=-2)
         self.rows = bsz
         return args, kwargs
+
+    def _doubled_mask(self, mask: torch.Tensor | None, kind: str) -> torch.Tensor | None:
+        """A decode step's mask for the prompt rows, then their twins: the prompt's keys follow the twins'
+        padding, later keys as the prompt rows'."""
+        if mask is None:
+            if "linear" in kind:  # recurrent layers take no mask once their state holds the prompt
+                return None
+            raise MitigationError(
+                f"mitigate: a decode step came with no {kind or 'attention'} mask; the image-free contrast "
+                "needs one to keep its twins' padding"
+            )
+        prompt = self.twin_mask.shape[1]
+        if mask.dim() == 2:
+            twin = torch.cat([self.twin_mask.to(mask.dtype), mask[:, prompt:]], dim=1)
+        else:  # 4-D (a static cache): slots are positions, as no sliding window rolls (see the prefill)
+            keys = torch.nn.functional.pad(self.twin_mask.bool(), (0, mask.shape[-1] - prompt))
+            in_prompt = torch.arange(mask.shape[-1], device=mask.device) < prompt
+            twin = torch.where(in_prompt, keys[:, None, None, :], mask)
+        return torch.cat([mask, twin])
 
     @staticmethod
     def _follow_beams(cache: Any, rows: int) -> None:
@@ -154,3 +170,21 @@ class Contrast:
         last = contrast_scores(cond[:, -1], uncond[:, -1], self.gamma, self.cutoff)
         output.logits = torch.cat([cond[:, :-1].float(), last[:, None]], dim=1).to(logits.dtype)
         return output
+
+
+def _refuse_rolling_windows(cache: Any) -> None:
+    """A static sliding-window layer shorter than the generation rolls its slots, and then its mask no
+    longer says which position a slot holds: the twins' padding cannot be placed there."""
+    for layer in getattr(cache, "layers", ()):
+        if not getattr(layer, "is_sliding", False):
+            continue
+        croppable = getattr(layer, "_is_croppable", None)  # transformers: "the window never rolls"
+        if croppable is None:  # without that flag: no shorter than every full layer (else assume it rolls)
+            full = [other.max_cache_len for other in cache.layers if not getattr(other, "is_sliding", False)]
+            croppable = bool(full) and layer.max_cache_len >= max(full)
+        if not croppable:
+            raise MitigationError(
+                f"mitigate: the image-free contrast (cfg_gamma) cannot pair a static cache whose sliding "
+                f"layers keep {layer.max_cache_len} keys and roll before the generation ends; use the "
+                "default dynamic cache, or a static cache no longer than the window"
+            )
