@@ -66,3 +66,22 @@ def test_decode_after_an_unmitigated_prefill_is_refused(tiny, single):
             plain = model.generate(**single, max_new_tokens=2, do_sample=False)
         model.generate(**single, max_new_tokens=2, do_sample=False)
     assert torch.equal(plain, model.generate(**single, max_new_tokens=2, do_sample=False))
+
+
+def test_long_dynamic_generation_grows_the_folded_plans_once(tiny, padded):
+    """A dynamic cache outgrows the folded decode plans (prompt + 64 keys): they grow once per step, to
+    twice the length (not once per edited layer), and the grown plans give the reference's logits."""
+    model, _ = tiny
+    settings = {"max_new_tokens": 80, "min_new_tokens": 80, "do_sample": False}
+    settings |= {"output_logits": True, "return_dict_in_generate": True}
+    prompt = padded["input_ids"].shape[1]
+    outputs = {}
+    for kernel in ("torch", "reference"):
+        with mitigated(model, ["pai", "var-tiny"], kernel=kernel) as handle:
+            outputs[kernel] = model.generate(**padded, **settings)
+            grown = handle._session.decode_length
+    assert grown == 2 * (prompt + 64)
+    diff = max(
+        float((a - b).abs().max()) for a, b in zip(outputs["torch"].logits, outputs["reference"].logits)
+    )
+    assert diff <= 1e-4

@@ -356,8 +356,10 @@ class Session:
             offset, stats = 0, None  # a static cache: key slots are positions
         else:
             offset, stats = max(0, self.past + query.shape[2] - key.shape[2]), self.stats
-            if offset + key.shape[2] > prepared.length:  # a dynamic cache outgrew the folded plan
-                self.decode_length = max(2 * self.decode_length, offset + key.shape[2])
+            need = offset + key.shape[2]
+            if need > prepared.length:  # a dynamic cache outgrew the folded plan
+                if need > self.decode_length:  # once per step: the step's other layers follow this length
+                    self.decode_length = max(2 * self.decode_length, need)
                 prepared = self._prepare(self.plans[layer], query, key, scaling)
                 self.decode_plans[layer] = prepared
             if stats is not None:
