@@ -16,7 +16,14 @@ from mitigate import mitigated
 #: VAR on the random tiny model: its sinks are found per prompt; a lower gate makes sure it edits this one
 VAR = {"sink_dims": "auto", "tau": 2.0, "min_image_mass": 0.05}
 SPECS = [
-    {"var": VAR}, "gift", "vhr", "paint", "pai", "pai-released", "vaf", {"pai": {}, "var": VAR, "vhr": {}},
+    {"var": VAR},
+    "gift",
+    "vhr",
+    "paint",
+    "pai",
+    "pai-released",
+    "vaf",
+    {"pai": {}, "var": VAR, "vhr": {}},
 ]
 GENERATE = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
 
@@ -101,3 +108,30 @@ def test_static_compiled_triton_kernel(tiny, spec):
     first = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(0)])
     second = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(3)])
     check_compiled(model, processor, spec, first, second, kernel="triton")
+
+
+def test_a_model_compiled_by_the_user(tiny):
+    """Compiling the forward yourself traces the prefill too, where the plans are made: with graph breaks
+    allowed, dynamo runs that part eagerly (the same logits); with ``fullgraph=True`` it is refused,
+    naming the reason (the first release silently generated unmitigated text here)."""
+    model, processor = tiny
+    inputs = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(0)])
+    with mitigated(model, "pai", processor=processor):
+        eager = model.generate(**inputs, **GENERATE)
+    forward = model.forward
+    try:
+        torch._dynamo.reset()
+        model.forward = torch.compile(forward, backend="eager")
+        with mitigated(model, "pai", processor=processor):
+            traced = model.generate(**inputs, **GENERATE)
+        assert max_diff(traced, eager) <= 1e-5
+        torch._dynamo.reset()
+        model.forward = torch.compile(forward, backend="eager", fullgraph=True)
+        with (
+            mitigated(model, "pai", processor=processor),
+            pytest.raises(Exception, match="compiled forward over several tokens"),
+        ):
+            model.generate(**inputs, **GENERATE)
+    finally:
+        model.forward = forward
+        torch._dynamo.reset()

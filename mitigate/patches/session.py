@@ -94,6 +94,14 @@ def _unregister_functions() -> None:
     AttentionMaskInterface._global_mapping.pop(ATTENTION_NAME, None)
 
 
+COMPILED_PREFILL = (
+    "mitigate: a compiled forward over several tokens (a prefill under torch.compile). The methods plan "
+    "their edits from the prompt at an eager prefill; compile through generate(..., "
+    "cache_implementation='static'), which prefills eagerly and compiles the decode steps, rather than "
+    "compiling the model or its forward yourself"
+)
+
+
 class Session:
     """Per-model runtime state of a mitigation: hooks, token layout, per-method state, kernel choice."""
 
@@ -188,8 +196,6 @@ class Session:
 
     # -- hooks ------------------------------------------------------------------------------
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.compiler.is_compiling():
-            return  # a compiled decode step: everything it needs was prepared at prefill
         if self.probing:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -197,6 +203,10 @@ class Session:
         tokens = input_ids if input_ids is not None else embeds
         if tokens is None:
             return
+        if torch.compiler.is_compiling():
+            if self.enabled and tokens.shape[1] > 1:  # shapes are known while tracing
+                raise MitigationError(COMPILED_PREFILL)
+            return  # a compiled decode step: everything it needs was prepared at prefill
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = _cached_length(cache)
         if not self.enabled:  # a disabled block runs plainly and leaves the mitigated generation as it was
@@ -328,6 +338,8 @@ class Session:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         layer = getattr(module, "layer_idx", None)
+        if torch.compiler.is_compiling() and query.shape[2] > 1 and layer in self._edited:
+            raise MitigationError(COMPILED_PREFILL)  # (the hook above may run outside the compiled code)
         if self.probing:
             return self._probe_attention(
                 module, layer, query, key, value, attention_mask, dropout, scaling, **kwargs
