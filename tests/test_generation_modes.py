@@ -85,3 +85,18 @@ def test_long_dynamic_generation_grows_the_folded_plans_once(tiny, padded):
         float((a - b).abs().max()) for a, b in zip(outputs["torch"].logits, outputs["reference"].logits)
     )
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("spec", ["pai", "gift", "paint"])
+def test_generation_without_a_cache_is_refused(tiny, single, spec):
+    """Without a cache every step runs the whole sequence again, which the methods would re-plan as a
+    longer prompt (GIFT and VHR changed tokens, PAINT failed on a missing vision pass); a single forward
+    without a cache stays a prefill, and generation with the cache works after the refusal."""
+    model, processor = tiny
+    with mitigated(model, spec, processor=processor):
+        with pytest.raises(MitigationError, match="use_cache=False"):
+            model.generate(**single, max_new_tokens=3, do_sample=False, use_cache=False)
+        with torch.no_grad():
+            once = model(**single, use_cache=False).logits
+            assert torch.equal(once, model(**single, use_cache=False).logits)
+        model.generate(**single, max_new_tokens=3, do_sample=False)

@@ -122,6 +122,7 @@ class Session:
         self.static = False  # the generation runs on a static (compilable) cache
         self._last_decode: dict[int, Any] = {}
         self._cache: Any = None  # a weak reference to the cache the plans were made for
+        self._uncached: torch.Tensor | None = None  # the last prompt run without a cache (use_cache=False)
         self.state: list[dict[str, Any]] = [{} for _ in methods]
         self.probing = False
         self._edited = {layer for m in methods for layer in m.edited_layers()}
@@ -228,6 +229,15 @@ class Session:
                     "edits would be missing or another prompt's: start the generation again"
                 )
             return
+        uncached = kwargs.get("use_cache") is False and input_ids is not None
+        if uncached and _continues(input_ids, self._uncached):
+            raise MitigationError(
+                "mitigate: this forward, without a cache, repeats the previous prompt and adds tokens to it "
+                "(generate(use_cache=False)). The methods plan their edits from the prompt at its prefill "
+                "and treat later tokens as decode rows, which a pass without a cache would re-plan as "
+                "prompt: generate with the cache (the default)"
+            )
+        self._uncached = input_ids if uncached else None
         mask = kwargs.get("attention_mask")
         if torch.is_tensor(mask) and mask.dim() == 4:  # a static cache: transformers built the 4-D mask
             mask = padding_of(mask)
@@ -512,6 +522,13 @@ class Session:
                 method.observe_probs(layer, probs, index, state)
             out = method.probe_output(layer, out, self.layout, state)
         return out, None
+
+
+def _continues(ids: torch.Tensor, previous: torch.Tensor | None) -> bool:
+    """Whether ``ids`` is ``previous`` with tokens appended (a generation step without a cache)."""
+    if previous is None or ids.shape[0] != previous.shape[0] or ids.shape[1] <= previous.shape[1]:
+        return False
+    return bool(torch.equal(ids[:, : previous.shape[1]], previous.to(ids.device)))
 
 
 def _weak(cache: Any) -> Any:
