@@ -27,7 +27,7 @@ from mitigate.plan import (
     fold_logits,
 )
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 #: MITIGATE_TEST_DEVICE=cuda runs the same comparisons on a GPU
 DEVICE = torch.device(os.environ.get("MITIGATE_TEST_DEVICE", "cpu"))
 
@@ -194,6 +194,56 @@ def test_every_kind_and_phase(kind, phase, monkeypatch):
         }
         with monkeypatch.context() as patch:
             run_case(case, patch)
+
+
+def real_size_plan(kind: str, bsz: int, prompt: int, image: slice) -> LayerPlan:
+    """One method's stage over LLaVA-like image keys, edited on the prompt's last row and decode rows."""
+    rows = Rows.where(torch.ones(bsz, dtype=torch.bool), prompt - 1)
+    on_image = torch.zeros(bsz, 1, prompt)
+    on_image[..., image] = 1.0
+    if kind == "abs":  # PAI at alpha = 1
+        stage = LogitStage("pai", rows, abs=on_image)
+    elif kind == "scale":
+        stage = LogitStage("m", rows, scale=1 + 0.5 * on_image)
+    elif kind == "bias":
+        stage = LogitStage("m", rows, bias=3 * on_image)
+    elif kind == "var":
+        groups = torch.where(on_image[:, 0] > 0, VarRule.IMAGE, VarRule.OTHER)
+        groups[:, 0] = VarRule.TEXT_SINK
+        stage = VarRule("var", rows, groups, 0.6, 0.3, 0.05)
+    else:
+        groups = torch.where(on_image[:, 0] > 0, GiftRule.IMAGE, GiftRule.QUERY)
+        weights = torch.where(groups == GiftRule.IMAGE, 1 + torch.arange(prompt) % 5, 1).float()
+        stage = GiftRule("gift", rows, groups, weights, 0.5)
+    return LayerPlan.of(3, prompt, [stage]).to(DEVICE)
+
+
+@pytest.mark.parametrize("kind", ["abs", "scale", "bias", "var", "gift"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_decode_at_real_head_size(kind, dtype):
+    """Half-precision decode at LLaVA's head size, with logits up to |z| ~ 16 on a 600-token prompt: an
+    edit term held in bf16 is off by up to 1/16 there, which the folded step once let through (0.07 at
+    PAI's alpha = 1, against 0.008 for plain bf16 SDPA)."""
+    gen = torch.Generator().manual_seed(0)
+    bsz, heads, dim, prompt = 1, 8, 128, 600
+    nk = prompt + 3
+    q = (2 * torch.randn(bsz, heads, 1, dim, generator=gen)).to(dtype).to(DEVICE)
+    k = (2 * torch.randn(bsz, heads, nk, dim, generator=gen)).to(dtype).to(DEVICE)
+    k[:, :, 0] = 0.3 * q[:, :, 0]  # a sink key, with |z| ~ 14
+    v = torch.randn(bsz, heads, nk, dim, generator=gen).to(dtype).to(DEVICE)
+    plan = real_size_plan(kind, bsz, prompt, slice(20, 596))
+    call = KernelCall(scaling=dim**-0.5, causal=True, past=None)
+    expected = reference_attention(q, k, v, None, plan, call).float()
+    plain = reference_attention(q, k, v, None, None, call).float()
+    assert (expected - plain).abs().max() > 0.1, "the edit must matter at this size"
+    kernel = get_kernel("torch")
+    prepared = kernel.prepare(
+        plan, length=nk + 5, dtype=dtype, num_heads=heads, num_kv_heads=heads, scaling=call.scaling
+    )
+    assert prepared.general is None, "the folded step"
+    out = kernel.decode(q, k, v, None, prepared, call)
+    assert out.dtype == dtype
+    assert (out.float() - expected).abs().max() <= 1e-2
 
 
 def test_decode_folds_foldable_plans():

@@ -56,13 +56,14 @@ class DecodePlan:
     """A layer's plan folded for decode steps (see the module docstring)."""
 
     length: int
-    key_scale: torch.Tensor | None = None  # [B, Hc, L, 1] model dtype
-    abs: torch.Tensor | None = None  # [B, 1 or Hkv, 1 or G, L] model dtype, scaling folded in
+    key_scale: torch.Tensor | None = None  # [B, Hc, L, 1] fp32, or the model dtype if wider
+    abs: torch.Tensor | None = None  # [B, 1 or Hkv, 1 or G, L] as key_scale, scaling folded in
     bias: torch.Tensor | None = None  # same layout
     var: VarDecode | None = None
     gift: GiftDecode | None = None
     head: torch.Tensor | None = None  # [B, 1, H, 1] model dtype
     general: LayerPlan | None = None  # not foldable: the plan itself, for the materialised path
+    work: torch.dtype | None = None  # the dtype edited logits are computed in (None: no logit edit)
     #: grouped-query heads attend as extra rows of their key head (as transformers packs them); GIFT
     #: picks heads across the whole layer, so it keeps one row per head and lets SDPA share the keys
     packed: bool = True
@@ -107,6 +108,9 @@ def prepare(
 ) -> DecodePlan:
     """Fold ``plan`` for decode steps over ``length`` keys (see the module docstring)."""
     out = DecodePlan(length=length)
+    # edited logits in fp32 even for half-precision models: a bf16 bias (|z| up to ~16 at real head
+    # sizes) is off by up to 1/16, which moves the softmax by several per cent (see decode)
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     if plan.heads:
         head = None
         for stage in plan.heads:
@@ -115,6 +119,7 @@ def prepare(
         out.head = head[:, None, :, None].to(dtype)
     if not plan.core:
         return out
+    out.work = work
     general = DecodePlan(length=length, head=out.head, general=plan)
     folded = fold_logits(plan.logits) if plan.logits else (None, None, None)
     if folded is None or len(plan.rules) > 1:
@@ -126,17 +131,17 @@ def prepare(
     def packed(term: torch.Tensor, fill: float) -> torch.Tensor:  # [B, Hc, T] -> logits' layout
         term = extend_keys(term.float(), fill, length)
         if term.shape[1] == 1:
-            return term[:, :, None, :].to(dtype)
+            return term[:, :, None, :].to(work)
         if not out.packed:
-            return term[:, :, None, :].to(dtype)  # [B, H, 1, L]
-        return term.reshape(term.shape[0], num_kv_heads, groups, length).to(dtype)
+            return term[:, :, None, :].to(work)  # [B, H, 1, L]
+        return term.reshape(term.shape[0], num_kv_heads, groups, length).to(work)
 
     if scale is not None:
         if scale.shape[1] != 1 and groups > 1:
             return general  # keys are shared by grouped heads: a per-head key scale would need a copy
         if abs_ is not None and not bool((scale > 0).all()):
             return general  # |z| of scaled keys is s*|z| only for s > 0
-        out.key_scale = extend_keys(scale.float(), 1.0, length)[..., None].to(dtype)
+        out.key_scale = extend_keys(scale.float(), 1.0, length)[..., None].to(work)
     if abs_ is not None:
         out.abs = packed(abs_ * scaling / (scale if scale is not None else 1.0), 0.0)
     if bias is not None:
@@ -227,6 +232,10 @@ def decode(
         from .torch_sdpa import torch_attention
 
         return torch_attention(query, key, value, mask, prep.general, call)
+    dtype = query.dtype
+    if prep.work is not None and prep.work != dtype:  # a half-precision model: edited steps run in fp32
+        query, key, value = query.float(), key.float(), value.float()
+        mask = mask.float() if mask is not None and mask.dtype != torch.bool else mask
     bsz, heads, nq, dim = query.shape
     kv_heads, nk = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -256,6 +265,8 @@ def decode(
         attn = _merge(attn, _gift_bias(q, key, attn, prep.gift, call, nk, length, share))
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=attn, scale=call.scaling, **share)
     out = out.reshape(bsz, heads, nq, value.shape[-1]).transpose(1, 2)
+    if out.dtype != dtype:
+        out = out.to(dtype)
     return out * prep.head if prep.head is not None else out.contiguous()
 
 
