@@ -82,7 +82,8 @@ def test_long_dynamic_generation_grows_the_folded_plans_once(tiny, padded):
             grown = handle._session.decode_length
     assert grown == 2 * (prompt + 64)
     diff = max(
-        float((a - b).abs().max()) for a, b in zip(outputs["torch"].logits, outputs["reference"].logits)
+        float((a - b).abs().max())
+        for a, b in zip(outputs["torch"].logits, outputs["reference"].logits, strict=True)
     )
     assert diff <= 1e-4
 

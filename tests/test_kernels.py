@@ -388,3 +388,21 @@ def test_triton_kernel_takes_the_fused_path(monkeypatch):
         for phase in ("prefill", "decode"):
             case.update(phase=phase, kind=kind, rows="suffix", per_head=False, dtype=torch.float32)
             run_case({**case, "path": "whole", "seed": 1}, monkeypatch, kernels=("triton",))
+
+
+def test_triton_eager_decode_auto_picks_by_precision(monkeypatch):
+    """By default an eager fp32 decode step takes the torch kernel's folded step (fewer launches), and a
+    half-precision one the fused kernel (the torch step would cast the cache to fp32 at every step)."""
+    pytest.importorskip("triton")
+    from mitigate.kernels import triton_plan
+
+    monkeypatch.setattr(triton_plan, "EAGER_DECODE", "auto")
+    folded = []
+    torch_step = triton_plan.torch_decode
+    monkeypatch.setattr(triton_plan, "torch_decode", lambda *a, **k: folded.append(1) or torch_step(*a, **k))
+    for dtype, expected in ((torch.float32, 1), (torch.bfloat16, 0)):
+        folded.clear()
+        case = dict(bsz=2, kv_heads=2, ratio=2, dim=16, prompt=20, generated=2, causal=True, padded=True)
+        case.update(phase="decode", kind="abs+var", rows="suffix", per_head=False, dtype=dtype)
+        run_case({**case, "path": "whole", "seed": 1}, monkeypatch, kernels=("triton",))
+        assert len(folded) == expected, dtype

@@ -14,11 +14,12 @@ The plan maps onto the kernel's contract directly:
 * head scales multiply the output.
 
 Prefill needs masks the kernel can rebuild (causality, padding, window: ``KernelCall.plain_mask``);
-decode rows read their key mask from the row itself, so every family decodes here. An eager decode step
+decode rows read their key mask from the row itself, so every family decodes here. An eager fp32 decode step
 takes the torch kernel's folded step by default (:data:`EAGER_DECODE`): there, kernel launches decide,
-and the fused kernel's epilogue is a dozen small torch ops until it is fused too. What the kernel cannot
-express (two rules, logit stages on different rows that do not fold, per-head edits it does not take,
-head dims above 256) runs on the torch kernel, which gives the same numbers.
+and the fused kernel's epilogue is a dozen small torch ops until it is fused too. In half precision
+the torch step computes in fp32 (casting the keys and values), so the fused kernel takes it. What the
+kernel cannot express (two rules, logit stages on different rows that do not fold, per-head edits it
+does not take, head dims above 256) runs on the torch kernel, which gives the same numbers.
 
 Under ``torch.compile`` the kernel is one custom op (``mitigate::grouped_attention``), so a compiled
 decode step keeps it whole and a CUDA graph captures it.
@@ -40,9 +41,11 @@ from .torch_decode import prepare as torch_prepare
 from .torch_sdpa import torch_attention
 
 MAX_HEAD_DIM = 256
-#: eager decode steps: "torch" (the torch kernel's folded step, fewer launches) or "fused" (this kernel
-#: and its torch epilogue); compiled steps always take the fused kernel. Measure with gpu_check.sh.
-EAGER_DECODE = os.environ.get("MITIGATE_TRITON_EAGER_DECODE", "torch")
+#: eager decode steps: "torch" (the torch kernel's folded step, fewer launches), "fused" (this kernel
+#: and its torch epilogue), or "auto": torch's step for fp32 models, the fused kernel for half precision,
+#: where torch's step computes in fp32 and so reads the keys and values again to cast them. Compiled
+#: steps always take the fused kernel. Measure with gpu_check.sh.
+EAGER_DECODE = os.environ.get("MITIGATE_TRITON_EAGER_DECODE", "auto")
 
 
 def available(device: torch.device | str | None = None) -> bool:
@@ -261,7 +264,8 @@ def decode(query, key, value, mask, prep: TritonDecodePlan, call: KernelCall) ->
     fused = prep.fused
     if fused is None or not _fits(query, key, value) or query.shape[2] != 1:
         return torch_decode(query, key, value, mask, prep, call)
-    if EAGER_DECODE == "torch" and prep.general is None and not torch.compiler.is_compiling():
+    torch_step = EAGER_DECODE == "torch" or (EAGER_DECODE == "auto" and query.dtype == torch.float32)
+    if torch_step and prep.general is None and not torch.compiler.is_compiling():
         # an eager step is bound by kernel launches: the torch kernel's folded step launches fewer than
         # the fused kernel plus its (unfused) torch epilogue; compiled, inductor fuses the epilogue
         return torch_decode(query, key, value, mask, prep, call)
