@@ -37,9 +37,15 @@ def hf(folder):
     return tiny_models.load_hf(folder)
 
 
-@pytest.fixture
-def qwen_adapter():
+@pytest.fixture(scope="module")
+def qwen_adapter(hf):
     """mitigate's own Qwen2-VL adapter (issue 12) serves the HF side of the comparisons."""
+    from mitigate.patches.adapters import find_adapter
+    from mitigate.patches.families.qwen import Qwen2VLAdapter
+
+    adapter = find_adapter(hf[0])
+    assert type(adapter) is Qwen2VLAdapter, adapter
+    return adapter
 
 
 @pytest.fixture(scope="module")
