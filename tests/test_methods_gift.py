@@ -141,3 +141,27 @@ def test_cli_run_gift_on_builtin_default():
     assert result.exit_code == 0, result.output
     assert "vanilla" in result.output and "gift" in result.output
     assert "saliency_layers=[1]" in result.output
+
+
+def test_query_span_drops_the_template_suffix_however_it_is_tokenised(tiny, monkeypatch):
+    """GIFT's query ends before the chat template's generation suffix (`` ASSISTANT:``). Found by its
+    token ids alone, a tokeniser that cuts the suffix otherwise inside the prompt than on its own (a
+    SentencePiece word-start marker) would leave it in the query, where "assistant" reads as a noun; the
+    suffix is then found in the decoded text."""
+    from mitigate.methods import text
+
+    _, processor = tiny
+    inputs = kit.batch(processor, [kit.PROMPTS[1]], [kit.image(0)])
+    ids = inputs["input_ids"]
+    query = torch.zeros_like(ids, dtype=torch.bool)
+    image = int((ids[0] == processor.tokenizer.convert_tokens_to_ids("<image>")).nonzero().max())
+    query[0, image + 1 :] = True
+    suffix = text._suffix_text(processor)
+    assert suffix.strip(), "the tiny chat template has a generation suffix"
+    expected = text.query_spans(ids, query, processor)[0]
+    words = processor.tokenizer.decode(ids[0, expected[0] : expected[1] + 1].tolist())
+    assert suffix.strip() not in words and words.strip()
+    # the same suffix as a standalone tokenisation that does not match the prompt's ids
+    text._suffix_ids.cache_clear()
+    monkeypatch.setattr(text, "_suffix_ids", lambda tokenizer, owner: (0, *ids[0, -3:].tolist()))
+    assert text.query_spans(ids, query, processor)[0] == expected

@@ -80,17 +80,42 @@ def informative_tokens(tokenizer: Any, ids: list[int]) -> list[bool]:
 
 
 @cache
-def _suffix_ids(tokenizer: Any, template_owner: Any) -> tuple[int, ...]:
-    """Token ids the chat template appends after the user's text (e.g. `` ASSISTANT:``), or ``()``."""
+def _suffix_text(template_owner: Any) -> str:
+    """The text the chat template appends after the user's text (e.g. `` ASSISTANT:``), or ``""``."""
     mark = "\u2063MARK\u2063"
     try:
         rendered = template_owner.apply_chat_template(
             [{"role": "user", "content": mark}], add_generation_prompt=True, tokenize=False
         )
     except Exception:  # no chat template: nothing to strip
-        return ()
+        return ""
     suffix = rendered.split(mark, 1)[-1]
-    return tuple(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix.strip() else ()
+    return suffix if suffix.strip() else ""
+
+
+@cache
+def _suffix_ids(tokenizer: Any, template_owner: Any) -> tuple[int, ...]:
+    """The suffix's token ids when tokenised on its own."""
+    suffix = _suffix_text(template_owner)
+    return tuple(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else ()
+
+
+def _suffix_tokens(tokenizer: Any, row_ids: list[int], suffix: str) -> int:
+    """How many of the row's last tokens spell the template's suffix, found in text: a tokeniser may cut
+    the suffix differently inside the prompt than on its own (a leading space joined to the user's last
+    token, a word-start marker). A token holding user text and the suffix's first blank stays query."""
+    wanted = "".join(suffix.split()).lower()  # blanks and case as the tokeniser may normalise them
+    text, offsets = token_offsets(tokenizer, row_ids)
+    visible = [(i, c.lower()) for i, c in enumerate(text) if not c.isspace()]
+    seen = "".join(c for _, c in visible)
+    if not wanted or not seen.endswith(wanted) or len(seen) == len(wanted):
+        return 0
+    cut = visible[len(seen) - len(wanted)][0]  # where the suffix's first visible character is
+    for i, (start, end) in enumerate(offsets):
+        if end > cut:
+            first = i if not text[start:cut].strip() else i + 1
+            return len(row_ids) - first
+    return 0
 
 
 def query_spans(ids: torch.Tensor, query: torch.Tensor, processor: Any) -> list[tuple[int, int] | None]:
@@ -105,6 +130,10 @@ def query_spans(ids: torch.Tensor, query: torch.Tensor, processor: Any) -> list[
         if suffix and len(row_ids) > len(suffix) and tuple(row_ids[-len(suffix) :]) == suffix:
             positions = positions[: -len(suffix)]
             row_ids = row_ids[: -len(suffix)]
+        elif suffix and tokenizer is not None and row_ids:  # tokenised otherwise in context
+            drop = _suffix_tokens(tokenizer, row_ids, _suffix_text(processor))
+            if 0 < drop < len(row_ids):
+                positions, row_ids = positions[:-drop], row_ids[:-drop]
         if tokenizer is not None:  # leading and trailing blanks ("\n" after the image) are not the query
             while row_ids and not tokenizer.decode(row_ids[:1]).strip():
                 positions, row_ids = positions[1:], row_ids[1:]
