@@ -265,7 +265,8 @@ MORE_CASES = [
             "--methods",
             "vaf",
             "--benchmarks",
-            "trihe",
+            "pope,trihe",  # POPE's vanilla run must not go first either
+            *DATA,
             "--trihe-data",
             "{trihe}",
             "--image-root",
@@ -274,7 +275,6 @@ MORE_CASES = [
             "{closed}",
             "--judge-model",
             "m",
-            "--no-progress",
         ],
         "cannot be reached",
     ),

@@ -105,10 +105,10 @@ def run_compare(
 ) -> dict[str, Any] | None:
     """Run what the cache lacks, then compare; ``None`` on the non-main processes of a sharded launch.
 
-    Every setting's method names and parameters are checked before anything is generated (a typo fails
-    the command, with a suggestion). A setting the model's family refuses (``UnsupportedModelError``, with
-    the reason) is skipped and listed, so ``--methods all`` works on every family; any other error stops
-    the comparison."""
+    Every setting's method names and parameters, and every benchmark's data (and Tri-HE's judge), are
+    checked before anything is generated (a typo fails the command, with a suggestion). A setting the
+    model's family refuses (``UnsupportedModelError``, with the reason) is skipped and listed, so
+    ``--methods all`` works on every family; any other error stops the comparison."""
     from ..errors import UnsupportedModelError
     from ..method_options import method_request
 
@@ -116,6 +116,8 @@ def run_compare(
         raise ValueError("the first setting must be vanilla: every comparison is against it")
     for setting in settings[1:]:
         method_request(setting.method, dict(setting.sets))  # names and values, before any generation
+    for bench in benchmarks:  # every benchmark's data (and Tri-HE's judge) before the first one runs
+        bench.task.check()
     folders: dict[str, dict[str, Path]] = {}
     skipped: dict[str, str] = {}
     main = True
