@@ -66,3 +66,50 @@ def write_lines(path: Path, records: list[dict], crlf: bool = False) -> Path:
     end = "\r\n" if crlf else "\n"
     path.write_text("".join(json.dumps(r) + end for r in records), newline="")
     return path
+
+
+def pope_record(sample_id: str, label: str, pred: str | None) -> dict:
+    """A POPE run's per-sample record (``samples.jsonl``), as ``mitigate eval pope`` writes it."""
+    split, _, number = sample_id.partition("/")
+    return {"sample_id": sample_id, "split": split, "question_id": int(number), "image": f"{number}.jpg",
+            "question": f"Is there a thing {number} in the image?", "label": label,
+            "text": str(pred), "pred": pred}  # fmt: skip
+
+
+def write_run_folder(
+    folder: Path,
+    records: list[dict],
+    *,
+    label: str = "vanilla",
+    task: str = "pope",
+    task_info: dict | None = None,
+    model: str = "hand-written",
+) -> Path:
+    """A finished run folder written by hand (``results.json`` and ``samples.jsonl``, what ``report`` and
+    ``compare`` read), its metrics computed from ``records`` by the task itself."""
+    from mitigate.evals.results import write_run
+    from mitigate.evals.tasks import task_class
+
+    vanilla = label == "vanilla"
+    results = {
+        "task": task,
+        "model": {"model": model, "dtype": None, "attn_implementation": None},
+        "method": {
+            "spec": label,
+            "label": label,
+            "sets": {},
+            "resolved": {} if vanilla else {label: {}},
+            "presets": {},
+            "kernel": None,
+        },
+        "generation": {"max_new_tokens": 16},
+        "run_key": f"hand-written-{label}",
+        "task_info": task_info if task_info is not None else {"parser": "pope"},
+        "n_samples": len(records),
+        "n_scored": len(records),
+        "n_errors": 0,
+        "errors": [],
+        "metrics": task_class(task).aggregate(records) if records else {},
+    }
+    write_run(Path(folder), results, records)
+    return Path(folder)

@@ -15,6 +15,8 @@ import torch
 from evals_fixtures import write_lines
 from PIL import Image
 from transformers import GenerationMixin, GPT2Config
+from trihe_fixtures import DATA as TRIHE_DATA
+from trihe_fixtures import closed_port_url, write_trihe
 from typer.testing import CliRunner
 
 from mitigate import loading
@@ -70,7 +72,17 @@ def files(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(coco_sample.ensure_sample(tmp_path_factory.mktemp("sample")), coco)
     for image in (coco / "val2014").iterdir():
         image.unlink()
+    trihe, trihe_images = write_trihe(root / "trihe")
+    answers = write_lines(
+        root / "trihe-answers.jsonl",
+        [{"image_id": i, "question": q["question"], "text": "A man."} for i, e in TRIHE_DATA.items()
+         for q in e["instance"]],
+    )  # fmt: skip
     return {
+        "trihe": trihe,
+        "trihe_images": trihe_images,
+        "trihe_answers": answers,
+        "closed": closed_port_url(),  # nothing listens there
         "junk": junk,
         "empty": empty,
         "truncated": truncated,
@@ -220,6 +232,130 @@ EVAL_CASES = [
 def test_eval_score_report_bad_input(files, no_generation, args, message):
     args = [a.format(**files) for a in args]
     fails(args, message, usage=any(a in args for a in ("--limit", "nope")))
+
+
+# -- serve, compare, Tri-HE, families -----------------------------------------------------------------
+TRIHE = ["--data", "{trihe}", "--image-root", "{trihe_images}", "--no-progress"]
+ANSWERS = ["--data", "{trihe}", "--answers", "{trihe_answers}", "--no-progress"]
+MORE_CASES = [
+    (
+        ["serve", *TINY, "--method", "var", "--set", "tau=abc"],
+        "var (var): tau: Input should be a valid number",
+    ),
+    (["serve", *TINY, "--method", "vra"], "Did you mean vhr, var, vaf?"),
+    (["serve", *TINY, "--set", "tua=1"], "unknown parameter 'tua'. Did you mean 'tau'?"),
+    (["serve", *TINY, "--set", "layers=[99]"], "layers [99] out of range"),
+    (["serve", *TINY, "--method", "none", "--set", "tau=1"], "--set needs a method"),
+    (["serve", "--model", "./nomodel"], "model folder ./nomodel not found"),
+    (["serve", "--model", "{gpt2}"], "not a vision-language model"),
+    (["serve", *TINY, "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["serve", *TINY, "--allow-local-files", "/no/such/folder"], "'/no/such/folder' is not a folder"),
+    (["serve", *TINY, "--port", "70000"], "--port"),
+    (
+        ["compare", *TINY, "--methods", "vra,vaf", "--benchmarks", "pope", *DATA, "--limit", "1"],
+        "unknown method or preset 'vra'. Did you mean vhr, var, vaf?",
+    ),
+    (["compare", *TINY, "--methods", "none", "--benchmarks", "pope", *DATA], "names no method"),
+    (["compare", *TINY, "--benchmarks", "pope,mmlu", *DATA], "--benchmarks 'pope,mmlu': choose from"),
+    (["compare", *TINY, "--benchmarks", "trihe"], "needs --trihe-data"),
+    (
+        [
+            "compare",
+            *TINY,
+            "--methods",
+            "vaf",
+            "--benchmarks",
+            "pope,trihe",  # POPE's vanilla run must not go first either
+            *DATA,
+            "--trihe-data",
+            "{trihe}",
+            "--image-root",
+            "{trihe_images}",
+            "--judge-url",
+            "{closed}",
+            "--judge-model",
+            "m",
+        ],
+        "cannot be reached",
+    ),
+    (["eval", "trihe", *TINY, *TRIHE, "--judge-model", "m", "--judge-url", "{closed}"], "cannot be reached"),
+    (
+        ["eval", "trihe", *TINY, *TRIHE, "--judge-model", "m", "--judge-url", "localhost:8000/v1"],
+        "--judge-url 'localhost:8000/v1' is not an http:// or https:// URL",
+    ),
+    (["eval", "trihe", *TINY, *TRIHE], "--judge-model is needed"),
+    (["eval", "trihe", *TINY, *TRIHE, "--judge-model", "m", "--judge", "gpt"], "--judge 'gpt': give 'llm'"),
+    (["eval", "trihe", *TINY, *TRIHE, "--judge-model", "m", "--method", "vra"], "Did you mean"),
+    (
+        [
+            "eval",
+            "trihe",
+            *TINY,
+            "--data",
+            "/no/tri-he.json",
+            "--image-root",
+            "{trihe_images}",
+            "--judge-model",
+            "m",
+        ],
+        "--data /no/tri-he.json: no such file",
+    ),
+    (
+        [
+            "eval",
+            "trihe",
+            *TINY,
+            "--data",
+            "{corrupt_json}",
+            "--image-root",
+            "{trihe_images}",
+            "--judge-model",
+            "m",
+        ],
+        "not valid JSON",
+    ),
+    (["score", "trihe", *ANSWERS], "--judge-model is needed"),
+    (["score", "trihe", *ANSWERS, "--judge-model", "m", "--judge-url", "{closed}"], "cannot be reached"),
+    (["score", "trihe", *ANSWERS, "--judge-model", "m", "--judge-url", "http://"], "is not an http://"),
+    (
+        ["score", "trihe", "--data", "{trihe}", "--answers", "/no/a.jsonl", "--judge-model", "m"],
+        "/no/a.jsonl",
+    ),
+    (
+        ["score", "trihe", "--data", "{trihe}", "--answers", "{corrupt_json}", "--judge-model", "m"],
+        "corrupt.jsonl:1",
+    ),
+    (["families", "--bogus"], "No such option"),
+    (["families", "llava"], "unexpected extra argument"),
+]
+
+
+@pytest.fixture
+def no_serving(monkeypatch):
+    """Binding the port is a test failure: every setup error must come before it."""
+    from mitigate.serve import server
+
+    def run(*args, **kwargs):
+        raise AssertionError("the server was started before the input was found bad")
+
+    monkeypatch.setattr(server, "run", run)
+
+
+@pytest.mark.parametrize(("args", "message"), MORE_CASES, ids=[" ".join(a[:4]) for a, _ in MORE_CASES])
+def test_serve_compare_trihe_families_bad_input(files, no_generation, no_serving, args, message):
+    args = [a.format(**files) for a in args]
+    fails(args, message, usage=any(a in args for a in ("--port", "--bogus", "llava")))
+
+
+def test_serve_binds_only_once_its_setup_is_good(monkeypatch, no_generation):
+    """The check above is not vacuous: a good setup reaches the (patched) server start, with its address."""
+    from mitigate.serve import server
+
+    started = []
+    monkeypatch.setattr(server, "run", lambda app, **kw: started.append(kw))
+    result = runner.invoke(app, ["serve", *TINY, "--method", "var", "--set", "tau=2", "--port", "8123"])
+    assert result.exit_code == 0, result.output
+    assert started == [{"host": "127.0.0.1", "port": 8123, "log_level": "info"}]
 
 
 @pytest.mark.parametrize("task", ["pope", "chair"])

@@ -6,12 +6,16 @@ import json
 import pytest
 import torch
 import typer
+from evals_fixtures import pope_record, write_run_folder
 from trihe_fixtures import FakeOpenAI, generic, write_trihe
 from typer.testing import CliRunner
 
+from mitigate.errors import ConfigError, MitigationError, RunFolderError, UnsupportedModelError
+from mitigate.evals import compare
 from mitigate.evals.cli import register
-from mitigate.evals.compare import Setting, parse_settings
+from mitigate.evals.compare import Benchmark, Setting, parse_settings
 from mitigate.evals.results import flatten, load_run
+from mitigate.evals.tasks import PopeTask
 
 runner = CliRunner()
 
@@ -86,3 +90,69 @@ def test_compare_needs_its_inputs(tmp_path):
     assert "--benchmarks" in result.output
     result = invoke("compare", "--model", "builtin:toy-llava", "--benchmarks", "trihe", code=2)
     assert "--trihe-data" in result.output
+
+
+# -- run_compare's own rules, on hand-written run folders (no model) ---------------------------------
+class _Pope(PopeTask):
+    def info(self):
+        return {"parser": self.parser}
+
+
+PAIRS = {  # sample -> (label, prediction); vanilla lost random/4, vaf lost random/3
+    "vanilla": {0: ("yes", "yes"), 1: ("no", "yes"), 2: ("yes", "yes"), 3: ("no", "no")},
+    "vaf": {0: ("yes", "yes"), 1: ("no", "no"), 2: ("yes", "no"), 4: ("no", "no")},
+}
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """``evaluate`` replaced: vanilla and vaf write hand-written run folders; paint is refused for the
+    model's family; pai fails for another reason (a run folder that holds another run)."""
+    calls = []
+
+    def evaluate(task, cfg):
+        calls.append(cfg.method)
+        if cfg.method == "paint":
+            raise UnsupportedModelError("paint cannot run on this qwen2_vl model: it needs a CLS token")
+        if cfg.method == "pai":
+            raise RunFolderError(f"run folder {cfg.out} holds another run")
+        records = [pope_record(f"random/{i}", *lp) for i, lp in PAIRS[cfg.method].items()]
+        write_run_folder(cfg.out, records, label=cfg.method)
+        return {"n_scored": len(records)}
+
+    monkeypatch.setattr(compare, "evaluate", evaluate)
+    return calls
+
+
+def test_only_a_family_refusal_skips_a_setting(tmp_path, fake_runs):
+    bench = [Benchmark("pope", _Pope(None))]
+    report = compare.run_compare("m", parse_settings("vaf,paint", ["vaf"]), bench, tmp_path, resamples=20)
+    assert [r["label"] for r in report["rows"]] == ["vanilla", "vaf"] and "CLS token" in report["skipped"][
+        "paint"
+    ]
+    with pytest.raises(RunFolderError, match="holds another run"):  # not skipped as if refused
+        compare.run_compare("m", parse_settings("pai,vaf", ["vaf"]), bench, tmp_path, resamples=20)
+
+
+def test_every_method_is_resolved_before_anything_runs(tmp_path, fake_runs):
+    bench = [Benchmark("pope", _Pope(None))]
+    for methods, message in (("vra,vaf", "Did you mean"), ("vaf,var+vhr+var", "named twice")):
+        with pytest.raises(MitigationError, match=message):
+            compare.run_compare("m", parse_settings(methods, []), bench, tmp_path, resamples=20)
+    settings = [Setting("vanilla"), Setting("var-x", "var", {"tau": "abc"})]
+    with pytest.raises(ConfigError, match="tau: Input should be a valid number"):
+        compare.run_compare("m", settings, bench, tmp_path, resamples=20)
+    assert fake_runs == []  # nothing ran, vanilla included
+
+
+def test_n_is_the_number_of_samples_shared_with_vanilla(tmp_path, fake_runs):
+    """vaf scored 4 samples, but shares 3 with vanilla: its figures (paired bootstrap) come from those 3."""
+    bench = [Benchmark("pope", _Pope(None))]
+    report = compare.run_compare("m", parse_settings("vaf", []), bench, tmp_path, resamples=20)
+    rows = {r["label"]: r for r in report["rows"]}
+    assert rows["vanilla"]["n"] == {"pope": 4} and rows["vaf"]["n"] == {"pope": 3}
+    assert rows["vaf"]["n_scored"] == {"pope": 4}
+    # on the 3 shared samples (0, 1, 2): vaf is right on 2 of 3, vanilla on 2 of 3
+    assert rows["vaf"]["metrics"]["pope.random.accuracy"]["value"] == pytest.approx(2 / 3)
+    markdown = compare.compare_markdown(report)
+    assert "- vanilla (n: pope 4)" in markdown and "- vaf (n: pope 3; scored: pope 4)" in markdown

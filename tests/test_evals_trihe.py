@@ -12,13 +12,14 @@ import torch
 import typer
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-from trihe_fixtures import DATA, YES, FakeOpenAI, generic, request_kind, write_trihe
+from trihe_fixtures import DATA, YES, FakeOpenAI, closed_port_url, generic, request_kind, write_trihe
 from typer.testing import CliRunner
 
 from mitigate.evals.cli import register
 from mitigate.evals.jsonl import read_jsonl
 from mitigate.evals.judge import (
     ClaimItem,
+    JudgeConfig,
     JudgeSetupError,
     MalformedReply,
     NLIJudge,
@@ -202,6 +203,96 @@ def test_judge_setup_problems_are_clear_errors(app, tmp_path, monkeypatch):
     answers.write_text(answers.read_text().split("\n", 1)[1])  # one answer missing
     result = invoke(app, "score", "trihe", "--data", data, "--answers", answers, "--judge-model", "m", code=2)
     assert "1 question(s) have no answer" in result.output
+
+
+def test_a_judge_url_without_http_or_a_host_is_refused_at_once():
+    for bad in ["localhost:8000/v1", "api.openai.com/v1", "http://", "ftp://host/v1", "http://host:port/v1"]:
+        with pytest.raises(JudgeSetupError, match="not an http:// or https:// URL with a host"):
+            JudgeConfig(url=bad, model="m")
+    assert JudgeConfig(url=" http://127.0.0.1:8000/v1/ ", model="m").url == "http://127.0.0.1:8000/v1"
+
+
+def test_an_unreachable_endpoint_is_a_setup_error_after_a_few_tries(tmp_path, monkeypatch):
+    """Nothing listens at the URL: the first requests fail to connect and the scoring stops with a clear
+    error (as when the endpoint rejects its first requests), instead of retrying every claim seven times
+    and recording each as a judge error."""
+    import httpx
+
+    from mitigate.evals.trihe import Scorer
+
+    tries = Counter()
+    post = httpx.AsyncClient.post
+
+    async def counted(self, url, **kw):
+        tries[url] += 1
+        return await post(self, url, **kw)
+
+    monkeypatch.setattr(httpx.AsyncClient, "post", counted)
+    docs = load_questions(write_trihe(tmp_path, images=False)[0])
+    url = closed_port_url()
+    judge = JudgeConfig(url=url, model="m", concurrency=1, backoff=0.0)
+    with pytest.raises(JudgeSetupError, match=f"the judge endpoint {url} cannot be reached .*ConnectError"):
+        Scorer(judge, progress=False).score([(d, "The man holds a pen.") for d in docs])
+    assert sum(tries.values()) == 3  # not 7 tries for each of the 9 answers
+    with pytest.raises(JudgeSetupError, match="cannot be reached"):
+        judge.probe()
+    with FakeOpenAI(generic()) as server:  # any HTTP answer to the probe will do (this server has no GET)
+        JudgeConfig(url=server.url, model="m").probe()
+        assert server.calls == 0
+
+
+def test_eval_trihe_checks_the_judge_before_generating(app, tmp_path, monkeypatch):
+    from transformers import GenerationMixin
+
+    def generate(*args, **kwargs):
+        raise AssertionError("generate() was called before the judge was checked")
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    data, images = write_trihe(tmp_path)
+    result = invoke(app, "eval", "trihe", "--model", "builtin:tiny-llava", "--data", data, "--image-root",
+                    images, "--no-progress", "--out", tmp_path / "run", "--judge-url", closed_port_url(),
+                    "--judge-model", "m", code=2)  # fmt: skip
+    assert "cannot be reached" in result.output and "--judge-url" in result.output
+    assert not (tmp_path / "run" / "predictions.jsonl").exists()
+
+
+def test_nothing_rated_is_reported_with_the_real_counts_and_the_first_error(app, tmp_path):
+    """Every answer was generated, every extraction reply was unreadable: the message says so (not "all 0
+    failed; see errors.jsonl", which is empty) and names the first error."""
+    data, images = write_trihe(tmp_path)
+    out = tmp_path / "run"
+    with FakeOpenAI(lambda body: (200, "no JSON here")) as server:
+        result = invoke(app, "eval", "trihe", "--model", "builtin:tiny-llava", "--data", data, "--image-root",
+                        images, "--max-new-tokens", 6, "--no-progress", "--out", out, "--judge-url",
+                        server.url, "--judge-model", "m", code=2)  # fmt: skip
+    text = " ".join(result.output.split())
+    results = json.loads((out / "results.json").read_text())
+    counts = results["task_info"]["counts"]
+    assert results["n_scored"] == 9 and results["n_errors"] == 0 and counts["questions_rated"] == 0
+    assert "no sample could be scored: 9 of 9 answered, none could be rated" in text
+    assert f"{counts['questions_extraction_error']} with an extraction error" in text
+    assert counts["questions_extraction_error"] > 0 and "the first error: question 1001/" in text
+    assert "malformed reply twice" in text and "samples.jsonl" in text and "all 0 failed" not in text
+
+
+def test_a_run_folder_refuses_another_judge_and_resumes_the_same(app, tmp_path):
+    """Scoring into a folder with another judge model would overwrite its results: refused, as any other
+    settings change. The same judge model at another URL is the same scoring: the run resumes."""
+    data, images = write_trihe(tmp_path)
+    out = tmp_path / "run"
+    args = ["eval", "trihe", "--model", "builtin:tiny-llava", "--data", data, "--image-root", images,
+            "--max-new-tokens", 6, "--no-progress", "--out", out]  # fmt: skip
+    with FakeOpenAI(generic()) as one, FakeOpenAI(generic()) as two:
+        invoke(app, *args, "--judge-url", one.url, "--judge-model", "A")
+        before = (out / "results.json").read_text()
+        result = invoke(app, *args, "--judge-url", one.url, "--judge-model", "B", code=2)
+        text = " ".join(result.output.split())
+        assert "holds another run (trihe, vanilla)" in text
+        assert "scoring.judge_model ('A' there, 'B' here)" in text and "Give it its own --out" in text
+        assert (out / "results.json").read_text() == before
+        invoke(app, *args, "--judge-url", two.url, "--judge-model", "A")
+        assert two.calls > 0  # the reply cache is keyed by the URL: replies from one are not reused
+    assert json.loads((out / "results.json").read_text())["task_info"]["judge"]["model"] == "A"
 
 
 def test_server_errors_are_retried_and_then_recorded(tmp_path):

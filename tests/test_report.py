@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from evals_fixtures import pope_record, write_run_folder
 from typer.testing import CliRunner
 
 from mitigate.cli import app
-from mitigate.evals.jsonl import read_jsonl
 from mitigate.evals.report import compare_runs, plot
-from mitigate.evals.results import flatten
-from mitigate.evals.tasks import PopeTask
 
 runner = CliRunner()
 EVAL = ["eval", "pope", "--model", "builtin:tiny-llava", "--data", "builtin:sample", "--no-progress",
@@ -43,31 +41,48 @@ def runs(tmp_path_factory):
     }
 
 
-def test_mismatched_runs_are_compared_on_their_common_samples(runs, tmp_path):
-    result = runner.invoke(
-        app, ["report", str(runs["full"]), str(runs["short"]), "--out", str(tmp_path / "r")]
+# Hand-written runs of one split: vanilla scored 6 samples, the method lost the last two. Over all 6,
+# vanilla's accuracy is 3/6; over the 4 shared, 3/4: the two readings differ, as does the method.
+VANILLA = [("yes", "yes"), ("no", "yes"), ("yes", "yes"), ("no", "no"), ("yes", "no"), ("no", "yes")]
+METHOD = [("yes", "yes"), ("no", "no"), ("yes", "no"), ("no", "no")]
+
+
+def test_mismatched_runs_are_compared_on_their_common_samples(tmp_path):
+    full = write_run_folder(
+        tmp_path / "vanilla-6", [pope_record(f"random/{i}", *lp) for i, lp in enumerate(VANILLA)]
     )
+    short = write_run_folder(
+        tmp_path / "vaf-4", [pope_record(f"random/{i}", *lp) for i, lp in enumerate(METHOD)], label="vaf"
+    )
+    assert json.loads((full / "results.json").read_text())["metrics"]["random"]["accuracy"] == 0.5
+    result = runner.invoke(app, ["report", str(full), str(short), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["n_common"] == 6 and report["comparisons"]["vaf"]["n_common"] == 6
-    assert [r["n_scored"] for r in report["runs"]] == [12, 6]
-    assert report["n"]["random.accuracy"] == 2 and report["n"]["mean_f1"] == 6
-    # The absolute figures too come from the shared samples only, not from all 12 of the vanilla run.
-    common = [
-        r for r in read_jsonl(runs["full"] / "samples.jsonl") if r["sample_id"].split("/")[1] in ("1", "2")
-    ]
-    assert len(common) == 6
-    assert report["runs"][0]["metrics"] == pytest.approx(flatten(PopeTask.aggregate(common)))
-    comp = report["comparisons"]["vaf"]["metrics"]["mean_f1"]
-    assert comp["baseline"] == pytest.approx(report["runs"][0]["metrics"]["mean_f1"])
-    assert comp["method"] == pytest.approx(report["runs"][1]["metrics"]["mean_f1"])
-    text = (tmp_path / "r" / "report.md").read_text()
-    assert "computed on the 6 samples all runs scored (scored: vanilla 12, vaf 6)" in text
-    assert (
-        "| metric | n | vanilla | vaf |" in text
-        and "| random.accuracy | 2 |" in text
-        and "| mean_f1 | 6 |" in text
+    assert report["n_common"] == 4 and report["comparisons"]["vaf"]["n_common"] == 4
+    assert [(r["n_scored"], r["n_left_out"]) for r in report["runs"]] == [(6, 2), (4, 0)]
+    names = [f"random.{m}" for m in ("accuracy", "precision", "recall", "f1", "yes_ratio")] + ["mean_f1"]
+    assert report["n"] == dict.fromkeys(names, 4)
+    # The absolute figures come from the 4 shared samples only: tp, fp, tp, tn for vanilla (not the 3/6
+    # accuracy of all its samples); tp, tn, fn, tn for the method.
+    base = {"accuracy": 3 / 4, "precision": 2 / 3, "recall": 1.0, "f1": 0.8, "yes_ratio": 3 / 4}
+    vaf = {"accuracy": 3 / 4, "precision": 1.0, "recall": 0.5, "f1": 2 / 3, "yes_ratio": 1 / 4}
+    assert report["runs"][0]["metrics"] == pytest.approx(
+        {f"random.{k}": v for k, v in base.items()} | {"mean_f1": 0.8}
     )
+    assert report["runs"][1]["metrics"] == pytest.approx(
+        {f"random.{k}": v for k, v in vaf.items()} | {"mean_f1": 2 / 3}
+    )
+    comp = report["comparisons"]["vaf"]["metrics"]
+    assert [comp["mean_f1"][k] for k in ("baseline", "method", "delta")] == pytest.approx(
+        [0.8, 2 / 3, 2 / 3 - 0.8]
+    )
+    assert comp["random.yes_ratio"]["delta"] == pytest.approx(-0.5)
+    assert comp["random.accuracy"]["delta"] == pytest.approx(0.0)
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "computed on the 4 samples all runs scored (scored: vanilla 6, vaf 4)" in text
+    assert "| metric | n | vanilla | vaf |" in text
+    assert "| random.accuracy | 4 | 75.00 | 75.00 (+0.00 [" in text
+    assert "| mean_f1 | 4 | 80.00 | 66.67 (-13.33 [" in text
 
 
 def test_a_run_of_one_split_against_all_splits(runs):
@@ -94,3 +109,41 @@ def test_the_plot_shows_each_methods_paired_difference(runs, tmp_path):
         comp = report["comparisons"]["vaf"]["metrics"][point["metric"]]
         assert point["delta"] == pytest.approx(100 * comp["delta"])
         assert [point["low"], point["high"]] == pytest.approx([100 * x for x in comp["ci"]])
+
+
+def trihe_info(url: str, model: str = "judge-1") -> dict:
+    """A Tri-HE run's task_info as an older version wrote it: the judge label named the URL."""
+    label = f"LLM {model} at {url}; extraction by {model}, prompts abc123"
+    extractor = {"url": url, "model": model, "prompts": "abc123"}
+    judge = {"kind": "llm", "url": url, "model": model, "extractor": extractor, "label": label}
+    return {"judge": judge, "note": f"Judge: {label}."}
+
+
+def trihe_record(sample_id: str, hallu: float) -> dict:
+    return {"sample_id": sample_id, "image_id": sample_id.split("/")[0], "question": f"q {sample_id}",
+            "n_claims": 2, "n_judged": 2, "n_judge_errors": 0, "hallu": hallu, "object_hallu": hallu,
+            "relation_hallu": 0.0, "image_weight": 1.0}  # fmt: skip
+
+
+def test_the_judge_model_not_its_url_identifies_a_tri_he_scoring(tmp_path):
+    """One judge model reached at localhost or at 127.0.0.1 is one scoring; another model is not."""
+    records = [trihe_record("1/0", 0.5), trihe_record("2/0", 0.0)]
+    base = write_run_folder(
+        tmp_path / "v", records, task="trihe", task_info=trihe_info("http://localhost:8000/v1")
+    )
+    other_url = write_run_folder(
+        tmp_path / "a", [trihe_record("1/0", 0.0), trihe_record("2/0", 0.0)], label="vaf", task="trihe",
+        task_info=trihe_info("http://127.0.0.1:8000/v1"),
+    )  # fmt: skip
+    report = compare_runs([base, other_url], resamples=20)
+    assert report["scoring"] == "judge LLM judge-1; extraction by judge-1, prompts abc123"
+    assert report["comparisons"]["vaf"]["metrics"]["hallu_q"]["delta"] == pytest.approx(-0.25)
+    other_model = write_run_folder(
+        tmp_path / "b",
+        records,
+        label="pai",
+        task="trihe",
+        task_info=trihe_info("http://localhost:8000/v1", "j2"),
+    )
+    with pytest.raises(ValueError, match="scored differently"):
+        compare_runs([base, other_model], resamples=20)

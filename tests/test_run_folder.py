@@ -14,8 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 from mitigate.cli import app
+from mitigate.errors import RunFolderError
 from mitigate.evals.jsonl import read_jsonl
-from mitigate.evals.runfolder import LOCK, RunLock
+from mitigate.evals.runfolder import LOCK, RunLock, claim
+from mitigate.evals.synonyms import BUILTIN, load_table
+from mitigate.evals.tasks import scoring_of
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -114,14 +117,38 @@ def test_different_runs_never_share_a_folder(tmp_path):
     out = tmp_path / "run"
     invoke(*EVAL, "--limit", "1", "--split", "random", "--out", out)
     before = (out / "results.json").read_bytes()
-    for other in (["--method", "var"], ["--max-new-tokens", "5"]):
+    for other in (["--method", "var"], ["--max-new-tokens", "5"], ["--parser", "opera"]):
         result = runner.invoke(app, [*EVAL, "--limit", "1", "--split", "random", *other, "--out", str(out)])
         assert result.exit_code == 2 and "holds another run (pope, vanilla)" in result.output
         assert "Give it its own --out" in result.output
+    assert "scoring.parser ('pope' there, 'opera' here)" in " ".join(result.output.split())
     assert (out / "results.json").read_bytes() == before
     # the same run again (more samples, another batch size or kernel) is welcome: it resumes
     invoke(*EVAL, "--limit", "2", "--split", "random", "--batch-size", "1", "--out", out)
     assert len(keys(out)) == 2
+
+
+def test_the_scoring_is_part_of_a_folders_settings(tmp_path):
+    """CHAIR's synonym table (by content) is part of the scoring: another table is refused, the same one
+    resumes; a folder from before the scoring was recorded is not refused for it, and records it now."""
+    table = tmp_path / "synonyms.txt"
+    table.write_text("".join(", ".join((name, *words)) + "\n" for name, words in BUILTIN.items()))
+    settings = {"model": {"model": "m"}, "methods": {}, "generation": {"max_new_tokens": 4}}
+    builtin = {**settings, "scoring": scoring_of({"synonyms": load_table(None).source})}
+    from_file = {**settings, "scoring": scoring_of({"synonyms": load_table(table).source})}
+    out = tmp_path / "run"
+    claim(out, task="chair", run_key="k", label="vanilla", settings=builtin)
+    with pytest.raises(
+        RunFolderError, match=r"differs in scoring.sha256 .* scoring.synonyms \('built-in' there"
+    ):
+        claim(out, task="chair", run_key="k", label="vanilla", settings=from_file)
+    claim(out, task="chair", run_key="k", label="vanilla", settings=builtin)  # the same scoring resumes
+    manifest = out / "run.json"
+    manifest.write_text(
+        json.dumps({"task": "chair", "label": "vanilla", "run_key": "k", "settings": settings})
+    )
+    claim(out, task="chair", run_key="k", label="vanilla", settings=from_file)
+    assert json.loads(manifest.read_text())["settings"]["scoring"]["synonyms"] == "file"
 
 
 def test_a_corrupt_cache_line_is_quarantined_and_regenerated(tmp_path, caplog):

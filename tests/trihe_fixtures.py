@@ -4,6 +4,7 @@ OpenAI-compatible chat server on 127.0.0.1 for the judge tests."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -164,3 +165,12 @@ def generic():
         return 200, YES if supported else '{"verdict": "no", "error": "relation"}'
 
     return script
+
+
+def closed_port_url() -> str:
+    """The base URL of a port on 127.0.0.1 where nothing listens (bound, then closed): connections are
+    refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"

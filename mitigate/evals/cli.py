@@ -86,19 +86,45 @@ def _run_config(params: dict[str, Any]):
     return RunConfig(**kw)
 
 
+def _nothing_scored(results: dict[str, Any]) -> Exception:
+    """Why a run has no metrics, from its real counts: every sample failed to generate (errors.jsonl), or
+    answers came back but none could be rated (Tri-HE: every extraction or judge call failed, or no answer
+    made a claim; the records in samples.jsonl say why)."""
+    from ..errors import NothingScoredError
+
+    scored, failed = results.get("n_scored", 0), results.get("n_errors", 0)
+    folder = results.get("out")
+    if not scored:
+        first = (results.get("errors") or [{}])[0].get("error", "")
+        return NothingScoredError(
+            f"no sample could be scored: all {failed} failed"
+            + (f" (the first: {first})" if first else "")
+            + (f"; see {folder}/errors.jsonl" if folder else "")
+        )
+    info = results.get("task_info") or {}
+    counts = info.get("counts") or {}
+    total = f" of {results['n_samples']}" if "n_samples" in results else ""
+    text = f"no sample could be scored: {scored}{total} answered, none could be rated"
+    if failed:
+        text += f" ({failed} failed to generate)"
+    if counts:
+        text += (
+            f": {counts.get('questions_extraction_error', 0)} with an extraction error, "
+            f"{counts.get('questions_all_claims_judge_error', 0)} whose claims all failed to be judged, "
+            f"{counts.get('questions_without_claims', 0)} without claims"
+        )
+    if info.get("first_error"):
+        text += f"; the first error: {info['first_error']}"
+    if folder:
+        text += f"; see {folder}/samples.jsonl"
+    return NothingScoredError(text)
+
+
 def _print_results(results: dict[str, Any]) -> None:
     from .results import metric_rows
 
     if not results.get("metrics"):
-        from ..errors import NothingScoredError
-
-        first = (results.get("errors") or [{}])[0].get("error", "")
-        where = f"; see {results['out']}/errors.jsonl" if "out" in results else ""
-        raise NothingScoredError(
-            f"no sample could be scored: all {results.get('n_errors', 0)} failed"
-            + (f" (the first: {first})" if first else "")
-            + where
-        )
+        raise _nothing_scored(results)
     headers, rows = metric_rows(results["task"], results["metrics"])
     title = results["task"].upper()
     if "method" in results:

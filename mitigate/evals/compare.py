@@ -105,12 +105,19 @@ def run_compare(
 ) -> dict[str, Any] | None:
     """Run what the cache lacks, then compare; ``None`` on the non-main processes of a sharded launch.
 
-    A setting the model cannot take (a method refused for its family, with the reason) is skipped and
-    listed, so ``--methods all`` works on every family."""
-    from ..errors import MitigationError
+    Every setting's method names and parameters, and every benchmark's data (and Tri-HE's judge), are
+    checked before anything is generated (a typo fails the command, with a suggestion). A setting the
+    model's family refuses (``UnsupportedModelError``, with the reason) is skipped and listed, so
+    ``--methods all`` works on every family; any other error stops the comparison."""
+    from ..errors import UnsupportedModelError
+    from ..method_options import method_request
 
     if not settings or settings[0].method.strip().lower() not in VANILLA:
         raise ValueError("the first setting must be vanilla: every comparison is against it")
+    for setting in settings[1:]:
+        method_request(setting.method, dict(setting.sets))  # names and values, before any generation
+    for bench in benchmarks:  # every benchmark's data (and Tri-HE's judge) before the first one runs
+        bench.task.check()
     folders: dict[str, dict[str, Path]] = {}
     skipped: dict[str, str] = {}
     main = True
@@ -127,7 +134,7 @@ def run_compare(
             )
             try:
                 results = evaluate(bench.task, cfg)
-            except MitigationError as error:
+            except UnsupportedModelError as error:
                 if setting.label == "vanilla":
                     raise
                 skipped[setting.label] = str(error)
@@ -162,12 +169,15 @@ def summarize(
         if setting.label not in folders:
             continue
         metrics: dict[str, dict[str, Any]] = {}
-        row: dict[str, Any] = {"label": setting.label, "folders": {}, "n": {}}
+        row: dict[str, Any] = {"label": setting.label, "folders": {}, "n": {}, "n_scored": {}}
         for bench in benchmarks:
             folder = folders[setting.label][bench.name]
             results, records = load_run(folder)
             row["folders"][bench.name] = str(folder)
-            row["n"][bench.name] = results["n_scored"]
+            # n: the samples behind the figures, those this run shares with vanilla (paired_bootstrap's)
+            shared = {r["sample_id"] for r in base[bench.name]}
+            row["n"][bench.name] = sum(r["sample_id"] in shared for r in records)
+            row["n_scored"][bench.name] = results["n_scored"]
             row.setdefault("method", results["method"]["spec"])
             row.setdefault("sets", results["method"]["sets"])
             row.setdefault("resolved", results["method"]["resolved"])
@@ -269,9 +279,13 @@ def compare_markdown(
             cells.append(f"**{text}**" if lo > 0 or hi < 0 else text)
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += ["", "## Settings", ""]
+    lines += ["n: the samples behind a row's figures, those it shares with vanilla.", ""]
     for row in rows:
         n = ", ".join(f"{b} {k}" for b, k in row["n"].items())
-        lines.append(f"- {row['label']} ({n} scored): `{json.dumps(row['resolved'], sort_keys=True)}`")
+        scored = row.get("n_scored", {})
+        lost = ", ".join(f"{b} {scored[b]}" for b, k in row["n"].items() if scored.get(b, k) != k)
+        lost = f"; scored: {lost}" if lost else ""
+        lines.append(f"- {row['label']} (n: {n}{lost}): `{json.dumps(row['resolved'], sort_keys=True)}`")
     if report.get("skipped"):
         lines += ["", "## Not run", ""]
         lines += [f"- {label}: {reason}" for label, reason in report["skipped"].items()]

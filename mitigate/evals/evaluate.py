@@ -19,7 +19,7 @@ from .parallel import Shard, barrier, current_shard, init_group, local_device
 from .results import write_run
 from .runfolder import RunLock, claim
 from .runner import GenerationConfig, generate_all, run_key, sample_keys
-from .tasks import Task
+from .tasks import Task, scoring_of
 
 __all__ = ["VANILLA", "RunConfig", "evaluate", "method_label"]
 
@@ -109,7 +109,13 @@ def evaluate(task: Task, cfg: RunConfig) -> dict[str, Any] | None:
                 task=task.name,
                 run_key=key,
                 label=method_label(cfg.method, cfg.sets),
-                settings={"model": model_info, "methods": methods, "generation": generation.as_dict()},
+                settings={
+                    "model": model_info,
+                    "methods": methods,
+                    "generation": generation.as_dict(),
+                    # another parser, synonym table or judge would rewrite the results with other numbers
+                    "scoring": scoring_of(task.info()),
+                },
             )
         barrier(shard)  # the other processes generate once the folder is this run's
         cache = PredictionCache(out, shard)

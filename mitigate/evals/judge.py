@@ -12,7 +12,9 @@ is not, whether an object or the relation is at fault. Unlike the released code,
 Replies are parsed as JSON (code fences and surrounding prose tolerated, never ``eval``). A malformed
 reply is asked again once, with the reason; a second malformed reply becomes a judge error: counted and
 reported, never scored. 429 and 5xx answers and network errors are retried with exponential backoff
-(``Retry-After`` honoured); concurrency is bounded. Every reply is cached on disk, keyed by the full
+(``Retry-After`` honoured); concurrency is bounded. Before the endpoint has answered once, a few requests it
+rejects (4xx) or a few failed connections stop the run as a setup problem (a wrong URL or model), rather
+than being retried and counted for every claim. Every reply is cached on disk, keyed by the full
 request (endpoint, model, messages, settings; never the API key), so a rerun makes no call.
 """
 
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .cache import digest
 from .jsonl import append_jsonl, iter_lines, repair_tail
@@ -252,6 +255,7 @@ class ChatEndpoint:
     timeout: float = 60.0
     max_retries: int = 6
     backoff: float = 1.0  # seconds before the first retry when the server names no Retry-After
+    setup_failures: int = 3  # rejections or failed connections, before any answer, that stop the run
     temperature: float = 0.0
     calls: int = 0  # HTTP requests made (retries included)
     cache_hits: int = 0
@@ -263,6 +267,7 @@ class ChatEndpoint:
         self._inflight: dict[str, asyncio.Future] = {}
         self._answered = False  # any 200 yet: before one, requests the server rejects mean a setup problem
         self._rejected = 0
+        self._unreachable = 0  # failed connections (tries included)
 
     async def __aenter__(self) -> ChatEndpoint:
         try:
@@ -328,6 +333,12 @@ class ChatEndpoint:
                     response = await self._client.post(url, json=body, headers=headers)
                 except (httpx.TimeoutException, httpx.TransportError) as error:
                     problem = f"{type(error).__name__}: {error}"
+                    if isinstance(error, _unreachable_types()):
+                        # Nothing answers there: before any reply, a wrong --judge-url or a server that is
+                        # not running, better stopped now than retried for every claim.
+                        self._unreachable += 1
+                        if not self._answered and self._unreachable >= self.setup_failures:
+                            raise JudgeSetupError(unreachable_message(self.url, problem)) from None
                 else:
                     status = response.status_code
                     if status == 200:
@@ -349,7 +360,7 @@ class ChatEndpoint:
                         # error; every request rejected from the start is a setup problem (a model name
                         # or parameter the server does not take), better stopped than counted 10,000 times.
                         self._rejected += 1
-                        if not self._answered and self._rejected >= 3:
+                        if not self._answered and self._rejected >= self.setup_failures:
                             raise JudgeSetupError(
                                 f"{url} rejected the first {self._rejected} requests ({problem}); check "
                                 f"--judge-model {self.model!r} and --judge-url"
@@ -361,6 +372,21 @@ class ChatEndpoint:
                     wait = min(self.backoff * 2**attempt, 60.0) * (0.5 + random.random() / 2)
                 await asyncio.sleep(wait)
         raise JudgeCallError(f"{problem} (after {self.max_retries + 1} tries)")
+
+
+def _unreachable_types() -> tuple[type[BaseException], ...]:
+    try:
+        import httpx
+    except ImportError:
+        return ()
+    return (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol, httpx.ProxyError)
+
+
+def unreachable_message(url: str, problem: str) -> str:
+    return (
+        f"the judge endpoint {url} cannot be reached ({problem}); check --judge-url (the base URL, usually "
+        "ending in /v1) and that its server is running"
+    )
 
 
 def _retry_after(response: Any) -> float | None:
@@ -544,6 +570,23 @@ class NLIJudge:
 # ------------------------------------------------------------------------------------------ the config
 
 
+def check_url(url: str) -> str:
+    """``--judge-url`` without its trailing slash, refused at once unless it is an http(s) URL with a
+    host (a missing scheme would otherwise fail every request, one retry after another)."""
+    text = str(url).strip().rstrip("/")
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise JudgeSetupError(
+            f"--judge-url {url!r} is not an http:// or https:// URL with a host; give the endpoint's base "
+            f"URL, e.g. http://localhost:8000/v1 (default {DEFAULT_URL})"
+        )
+    return text
+
+
 @dataclass
 class JudgeConfig:
     """What the CLI's ``--judge*`` options name. Extraction always goes through the chat endpoint (a local
@@ -557,8 +600,10 @@ class JudgeConfig:
     timeout: float = 60.0
     cache: Path | None = None
     max_retries: int = 6
+    backoff: float = 1.0  # seconds before the first retry (doubled each time)
 
     def __post_init__(self) -> None:
+        self.url = check_url(self.url)
         if self.judge != "llm" and not self.judge.startswith("local:"):
             raise JudgeSetupError(f"--judge {self.judge!r}: give 'llm' or 'local:<folder or hub id>'")
         if self.judge.startswith("local:") and not self.local_spec:
@@ -588,12 +633,29 @@ class JudgeConfig:
             concurrency=self.concurrency,
             timeout=self.timeout,
             max_retries=self.max_retries,
+            backoff=self.backoff,
         )
+
+    def probe(self) -> None:
+        """One cheap request before any work (``GET <url>/models``, no tokens spent): the endpoint answers
+        at all. Any HTTP answer will do; a failed connection is a :class:`JudgeSetupError`."""
+        try:
+            import httpx
+        except ImportError:
+            raise ImportError("Tri-HE's judge client needs httpx: pip install 'mitigate[evals]'") from None
+        url = f"{self.url}/models"
+        headers = {"Authorization": f"Bearer {key}"} if (key := api_key()) else {}
+        try:
+            with httpx.Client(timeout=min(self.timeout, 10.0)) as client:
+                client.get(url, headers=headers)
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
+            raise JudgeSetupError(unreachable_message(self.url, f"{type(error).__name__}: {error}")) from None
 
     def info(self) -> dict[str, Any]:
         prompts = prompts_digest()
-        url = self.url.rstrip("/")
-        out: dict[str, Any] = {"extractor": {"url": url, "model": self.model, "prompts": prompts}}
+        # The label (what reports compare) names the models, not the URL: one model served at localhost
+        # or at 127.0.0.1 is one scoring. The reply cache stays keyed by the URL too (see ChatEndpoint.key).
+        out: dict[str, Any] = {"extractor": {"url": self.url, "model": self.model, "prompts": prompts}}
         if self.local_spec:
             out |= {
                 "kind": "local-nli",
@@ -604,9 +666,9 @@ class JudgeConfig:
         else:
             out |= {
                 "kind": "llm",
-                "url": self.url.rstrip("/"),
+                "url": self.url,
                 "model": self.model,
-                "label": f"LLM {self.model} at {self.url.rstrip('/')}",
+                "label": f"LLM {self.model}",
             }
         out["label"] += f"; extraction by {self.model}, prompts {prompts}"
         return out

@@ -14,7 +14,7 @@ from typing import Any
 from .bootstrap import paired_bootstrap
 from .jsonl import write_json
 from .results import flatten, fmt, load_run, markdown
-from .tasks import task_class
+from .tasks import scoring_label, task_class
 
 log = logging.getLogger("mitigate")
 
@@ -143,13 +143,8 @@ def compare_runs(
 
 
 def _scoring(results: dict[str, Any]) -> str:
-    info = results["task_info"]
-    if info.get("judge"):  # Tri-HE: another judge (or prompt version) moves every number
-        return f"judge {info['judge']['label']}"
-    if "parser" in info:
-        return f"parser {info['parser']}"
-    table = info.get("synonyms", {})
-    return f"synonyms {table.get('table')} {table.get('sha256', '')}".strip()
+    """A parser, synonym table or judge change moves every number (see :func:`.tasks.scoring_of`)."""
+    return scoring_label(results["task_info"])
 
 
 def report_markdown(report: dict[str, Any]) -> str:

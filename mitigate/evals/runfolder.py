@@ -4,9 +4,10 @@
   killed) and holding who took it: pid, host, start time, command. A second run on the same folder is
   refused with those details. A lock file left by a run that died on this host is taken over, with a
   warning; one left by another host is refused (whether that run still goes cannot be told from here).
-* ``run.json``: the settings that make the run's answers what they are (task, model, resolved method
-  parameters, generation settings). A run whose settings differ is refused: its results would overwrite
-  these. Give it its own ``--out``.
+* ``run.json``: the settings that make the run's results what they are (task, model, resolved method
+  parameters, generation settings, and the scoring: POPE's parser, CHAIR's synonym table, Tri-HE's judge
+  and extraction models and prompts). A run whose settings differ is refused: its results would overwrite
+  these. Give it its own ``--out``; resuming with the same settings goes on where the folder stopped.
 """
 
 from __future__ import annotations
@@ -193,6 +194,8 @@ def _held(folder: Path) -> dict[str, Any] | None:
         try:
             data = json.loads(results.read_text())
             model = {k: v for k, v in data["model"].items() if k != "device_map"}
+            from .tasks import scoring_of
+
             return {
                 "task": data["task"],
                 "label": data["method"]["label"],
@@ -201,6 +204,7 @@ def _held(folder: Path) -> dict[str, Any] | None:
                     "model": model,
                     "methods": data["method"]["resolved"],
                     "generation": data["generation"],
+                    "scoring": scoring_of(data["task_info"]),
                 },
             }
         except (json.JSONDecodeError, KeyError, TypeError):
@@ -212,9 +216,15 @@ def claim(folder: Path, *, task: str, run_key: str, label: str, settings: dict[s
     """Record that ``folder`` holds this run, or refuse if it holds a different one (call under the lock)."""
     folder = Path(folder)
     held = _held(folder)
-    if held and (held.get("task"), held.get("run_key")) != (task, run_key):
-        mine = _flat({"task": task, **settings})
-        theirs = _flat({"task": held.get("task"), **(held.get("settings") or {})})
+    held_settings = dict((held or {}).get("settings") or {})
+    if "scoring" not in held_settings:  # written before run.json recorded the scoring: not compared
+        settings_compared = {k: v for k, v in settings.items() if k != "scoring"}
+    else:
+        settings_compared = settings
+    same_scoring = held_settings.get("scoring") == settings_compared.get("scoring")
+    if held and ((held.get("task"), held.get("run_key")) != (task, run_key) or not same_scoring):
+        mine = _flat({"task": task, **settings_compared})
+        theirs = _flat({"task": held.get("task"), **held_settings})
         differ = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
         shown = ", ".join(f"{k} ({theirs.get(k)!r} there, {mine.get(k)!r} here)" for k in differ[:3])
         more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""

@@ -251,6 +251,40 @@ class ChairTask(Task):
 TASKS: dict[str, type[Task]] = {"pope": PopeTask, "chair": ChairTask}
 
 
+def scoring_of(info: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run's scoring what it is, from its ``task_info``: POPE's parser, CHAIR's synonym table
+    (by content, not path), Tri-HE's judge and extraction models and prompt version (not the endpoint's
+    URL: one model at localhost or at 127.0.0.1 is one scoring). Another scoring moves every number, so
+    a run folder refuses it and ``mitigate report`` refuses to compare across it."""
+    judge = info.get("judge")
+    if isinstance(judge, dict):
+        extractor = judge.get("extractor") or {}
+        return {
+            "judge": judge.get("kind"),
+            "judge_model": judge.get("model"),
+            "extraction_model": extractor.get("model"),
+            "prompts": extractor.get("prompts"),
+        }
+    if "parser" in info:
+        return {"parser": info["parser"]}
+    table = info.get("synonyms") or {}
+    return {"synonyms": table.get("table"), "sha256": table.get("sha256")}
+
+
+def scoring_label(info: dict[str, Any]) -> str:
+    """:func:`scoring_of` in words, as reports show it."""
+    scoring = scoring_of(info)
+    if "judge" in scoring:
+        kind = "local NLI" if scoring["judge"] == "local-nli" else "LLM"
+        return (
+            f"judge {kind} {scoring['judge_model']}; extraction by {scoring['extraction_model']}, "
+            f"prompts {scoring['prompts']}"
+        )
+    if "parser" in scoring:
+        return f"parser {scoring['parser']}"
+    return f"synonyms {scoring['synonyms']} {scoring['sha256'] or ''}".strip()
+
+
 def task_class(name: str) -> type[Task]:
     from . import trihe  # noqa: F401  (registers "trihe"; imported here, as it imports this module)
 

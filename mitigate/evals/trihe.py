@@ -267,6 +267,18 @@ def count_records(records: Iterable[dict[str, Any]]) -> dict[str, int]:
     }
 
 
+def first_error(records: Iterable[dict[str, Any]]) -> str | None:
+    """The first extraction or judge error of a run, with its question: what to read when nothing could
+    be rated."""
+    for r in records:
+        if r.get("extraction_error"):
+            return f"question {r['sample_id']}: extraction {r['extraction_error']}"
+        for claim in r.get("claims", []):
+            if claim.get("judge_error"):
+                return f"question {r['sample_id']}: judging {claim['judge_error']}"
+    return None
+
+
 def counts_note(counts: dict[str, int]) -> str:
     return (
         f"{counts['questions_rated']} of {counts['questions']} questions rated "
@@ -297,6 +309,7 @@ class TriheTask(Task):
     def __post_init__(self) -> None:
         self._docs: list[TriheQuestion] | None = None
         self._counts: dict[str, int] | None = None
+        self._first_error: str | None = None
 
     def docs(self) -> list[TriheQuestion]:
         if self._docs is None:
@@ -340,6 +353,7 @@ class TriheTask(Task):
         if self.judge is None:
             raise ValueError("Tri-HE needs a judge (--judge-url and --judge-model, or --judge local:...)")
         self.judge.check()
+        self.judge.probe()  # an endpoint that cannot be reached fails now, not after generation
         self._scorer().local()  # a local judge that cannot load fails now, not after generation
 
     def sample(self, doc: TriheQuestion) -> Sample:
@@ -358,6 +372,7 @@ class TriheTask(Task):
     def process_all(self, pairs: list[tuple[TriheQuestion, str]]) -> list[dict[str, Any]]:
         records = self._scorer().score(pairs)
         self._counts = count_records(records)
+        self._first_error = first_error(records)
         return records
 
     def info(self) -> dict[str, Any]:
@@ -374,6 +389,8 @@ class TriheTask(Task):
             out["note"] = f"Judge: {label}. {counts_note(self._counts)}"
             if out["judge"] and "deviation" in out["judge"]:
                 out["note"] += f" Note: {out['judge']['deviation']}"
+            if self._first_error is not None:
+                out["first_error"] = self._first_error
         if self.scorer is not None:
             out["judge_calls_this_run"] = {"http": self.scorer.calls, "cached": self.scorer.cache_hits}
         return out

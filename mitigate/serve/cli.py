@@ -49,29 +49,35 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Serve a model over an OpenAI-compatible API, with a per-request "mitigation" field."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise typer.BadParameter(
-            f"mitigate serve needs the serve extra ({exc.name} is missing): pip install 'mitigate[serve]'"
-        ) from exc
-    from ..cli import parse_sets
+    # Setup errors (a bad option, method, parameter or model) end with the one-line message every command
+    # gives (mitigate.cli_errors, which runs this command), before the server binds its port.
+    import fastapi  # noqa: F401  (missing: the message names the serve extra)
+    import uvicorn  # noqa: F401
+
+    from ..errors import ConfigError
+    from ..method_options import is_vanilla, method_request, parse_sets
     from .errors import APIError
     from .images import ImageLimits
     from .server import build, local_dir, run
 
+    sets = parse_sets(set_)
+    if is_vanilla(method):
+        if sets:
+            raise ConfigError("--set needs a method; vanilla has no parameters")
+        default: str | dict | None = None
+    else:  # names and values checked before the model is loaded, as for the other commands
+        request = method_request(method, sets)
+        default = {"method": request.spec, "params": request.overrides} if request.overrides else request.spec
+    limits = ImageLimits(
+        max_images=max_images,
+        max_bytes=max_image_bytes,
+        max_pixels=max_image_pixels,
+        local_dir=local_dir(allow_local_files),
+    )
     try:
-        limits = ImageLimits(
-            max_images=max_images,
-            max_bytes=max_image_bytes,
-            max_pixels=max_image_pixels,
-            local_dir=local_dir(allow_local_files),
-        )
         app = build(
             model,
-            method=method,
-            params=parse_sets(set_),
+            method=default,
             dtype=dtype,
             device_map=device_map,
             kernel=kernel,
@@ -82,6 +88,6 @@ def serve(
             max_tokens_limit=max_tokens_limit,
             limits=limits,
         )
-    except (ValueError, APIError) as exc:  # a bad option or default mitigation: say why, before serving
-        raise typer.BadParameter(str(exc)) from exc
+    except APIError as exc:  # the default mitigation does not fit this model (checked against it)
+        raise ConfigError(f"--method {method}: {exc.message}") from None
     run(app, host=host, port=port, log_level=log_level)

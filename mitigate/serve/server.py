@@ -13,8 +13,13 @@ from .images import ImageLimits
 from .specs import Spec, parse
 
 
-def default_spec(method: str | None, params: dict[str, Any]) -> Spec:
-    """The server's default from ``--method`` (``none`` for vanilla; ``var,vhr`` to compose) and ``--set``."""
+def default_spec(method: str | dict[str, Any] | None, params: dict[str, Any]) -> Spec:
+    """The server's default from ``--method`` (``none`` for vanilla; ``var,vhr`` to compose) and ``--set``;
+    or a mitigation value as a request would give it (``{"var": {"tau": 15}, "vhr": {}}``)."""
+    if isinstance(method, dict):
+        if params:
+            raise ValueError("give the parameters inside the mitigation value")
+        return parse(method)
     if method is None or method.strip().lower() in ("none", "vanilla", ""):
         if params:
             raise ValueError("--set needs a --method")
@@ -27,7 +32,7 @@ def default_spec(method: str | None, params: dict[str, Any]) -> Spec:
 def build(
     model: str,
     *,
-    method: str | None = "var",
+    method: str | dict[str, Any] | None = "var",
     params: dict[str, Any] | None = None,
     dtype: str | None = None,
     device_map: str | None = None,
