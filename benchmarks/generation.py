@@ -280,24 +280,11 @@ def main() -> None:
     ]
     for config in configs:
         config.model = model
-    results = []
-    for mode in args.modes:
-        for batch in args.batch:
-            inputs = inputs_for(batch, 34, image_tokens, 40, image_size, image_id, vocab, device, dtype)
-            row = {"mode": mode, "batch": batch, "prompt_tokens": int(inputs["input_ids"].shape[1])}
-            row["configs"] = run_mode(model, inputs, mode, configs, args, device)
-            results.append(row)
-            for name, v in row["configs"].items():
-                print(
-                    f"{mode:>7} batch {batch:>2} {name:>12}: prefill {v['prefill_ms']:8.1f} ms "
-                    f"(x{v['prefill_vs_vanilla']:.2f})  decode {v['decode_ms_per_token']:7.2f} ms/token "
-                    f"(x{v['decode_vs_vanilla']:.2f})",
-                    flush=True,
-                )
     import transformers
 
     from mitigate.kernels import resolve_kernel
 
+    results: list[dict] = []
     report = {
         "benchmark": "generation, random model",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -318,8 +305,22 @@ def main() -> None:
     }
     out = args.out or RESULTS / f"generation-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    for mode in args.modes:
+        for batch in args.batch:
+            inputs = inputs_for(batch, 34, image_tokens, 40, image_size, image_id, vocab, device, dtype)
+            row = {"mode": mode, "batch": batch, "prompt_tokens": int(inputs["input_ids"].shape[1])}
+            row["configs"] = run_mode(model, inputs, mode, configs, args, device)
+            results.append(row)
+            for name, v in row["configs"].items():
+                print(
+                    f"{mode:>7} batch {batch:>2} {name:>12}: prefill {v['prefill_ms']:8.1f} ms "
+                    f"(x{v['prefill_vs_vanilla']:.2f})  decode {v['decode_ms_per_token']:7.2f} ms/token "
+                    f"(x{v['decode_vs_vanilla']:.2f})",
+                    flush=True,
+                )
+            # after every row: a run stopped by a time budget keeps what it measured
+            out.write_text(json.dumps(report, indent=2) + "\n")
+            out.with_suffix(".md").write_text(markdown(report))
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out} (+ .md, .png)")
 

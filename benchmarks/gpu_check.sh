@@ -25,7 +25,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a budget, log to $OUT/NAME.lo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 # 1. correctness on the GPU: every kernel path against the reference (bf16 and fp32), the fused kernel's tests
-step kernels 120 env MITIGATE_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=ci python3 -m pytest -q -x -p no:cacheprovider \
+step kernels 110 env MITIGATE_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=ci python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_kernels.py tests/test_triton_grouped.py
 # 2. one attention layer (LLaVA-1.5-7B shapes, bf16): the fused kernel vs SDPA at T = 600, 2900, 8192
 step triton_attention 75 python3 benchmarks/triton_attention.py --out "$OUT/triton-attention-cuda.json"
@@ -36,9 +36,9 @@ step attention 45 env MITIGATE_TRITON_EAGER_DECODE=fused python3 benchmarks/atte
 # 3. generation, LLaVA-1.5-7B shapes with random weights: dynamic cache eagerly, then the compiled static
 #    cache with CUDA graphs (dynamo + cudagraphs: the inductor backend compiles each configuration for
 #    minutes; `--compile-backend inductor` in a longer session)
-step generation_dynamic 130 python3 benchmarks/generation.py --device cuda --modes dynamic --batch 1 8 \
+step generation_dynamic 120 python3 benchmarks/generation.py --device cuda --modes dynamic --batch 1 8 \
   --new-tokens 24 --rounds 3 --out "$OUT/generation-cuda-dynamic.json"
-step generation_static 150 python3 benchmarks/generation.py --device cuda --modes static --batch 1 8 \
+step generation_static 130 python3 benchmarks/generation.py --device cuda --modes static --batch 1 8 \
   --new-tokens 24 --rounds 3 --compile-backend cudagraphs --compile-mode none \
   --out "$OUT/generation-cuda-static.json"
 echo "== done; results in $OUT"
