@@ -106,9 +106,10 @@ class EagerOracle:
         return out.transpose(1, 2).to(query.dtype), None
 
     def key_mask(self, mask: torch.Tensor, nk: int) -> torch.Tensor:
-        """A prompt mask over the call's keys; a sliding-window cache keeps only the latest positions."""
+        """A prompt mask (or any per-position values) over the call's keys; a sliding-window cache keeps
+        only the latest positions."""
         offset = getattr(self, "key_offset", 0)
-        pad = torch.zeros(mask.shape[0], max(0, offset + nk - mask.shape[1]), dtype=torch.bool)
+        pad = torch.zeros(mask.shape[0], max(0, offset + nk - mask.shape[1]), dtype=mask.dtype)
         return torch.cat([mask, pad], dim=1)[:, offset : offset + nk]
 
     # -- hooks for subclasses --------------------------------------------------------------------
@@ -212,6 +213,14 @@ def _top(values: list[float], count: int) -> list[int]:
     return sorted(range(len(values)), key=lambda i: (-values[i], i))[:count]
 
 
+def marker_ids(config) -> tuple[int, ...]:
+    """The ids a family writes around its image tokens, as transformers' config names them (Qwen's
+    ``<|vision_start|>``/``<|vision_end|>``, Gemma's begin/end-of-image); ``()`` for families without."""
+    names = ("vision_start_token_id", "vision_end_token_id", "boi_token_index", "eoi_token_index",
+             "boi_token_id", "eoi_token_id")  # fmt: skip
+    return tuple(int(i) for i in (getattr(config, name, None) for name in names) if i is not None)
+
+
 def vision_cls_attention(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     """Per vision layer, the CLS query's attention to each patch summed over heads ``[images, patches]``,
     recomputed from the tower's weights: LayerNorm -> q/k projections -> softmax of the CLS row."""
@@ -278,31 +287,49 @@ class PAIOracle(EagerOracle):
 
 class VAFOracle(EagerOracle):
     """VAF: in ``layers``, logits to image keys times ``image_scale`` and to the prefix (real tokens before
-    the first image) times ``system_scale``; on every query row (``rows="all"``) or, at prefill, only on
-    rows after the image (``rows="after_image"``; decode rows always)."""
+    the first image or image marker: ``markers``, see :func:`marker_ids`) times ``system_scale``; on every
+    query row (``rows="all"``) or, at prefill, only on rows after the image (``rows="after_image"``; decode
+    rows always). Keys are read through :meth:`key_mask` (a sliding-window layer sees the last ones)."""
 
-    def __init__(self, model, image_token_id, *, image_scale, system_scale, layers, rows="all"):
-        super().__init__(model, image_token_id)
+    def __init__(
+        self, model, image_token_id, *, image_scale, system_scale, layers, rows="all", markers=(), mask="sdpa"
+    ):
+        super().__init__(model, image_token_id, mask)
         self.image_scale = image_scale
         self.system_scale = system_scale
         self.layers = set(layers)
         self.rows = rows
+        self.markers = tuple(markers)
+
+    def new_prompt(self):
+        self.prefix = torch.zeros_like(self.valid)
+        for b in range(self.ids.shape[0]):
+            if not self.image[b].any():
+                continue
+            first = min(j for j in range(self.ids.shape[1]) if self._in_span(b, j))
+            for j in range(first):
+                self.prefix[b, j] = bool(self.valid[b, j])
+
+    def _in_span(self, b, j):
+        return bool(self.image[b, j]) or int(self.ids[b, j]) in self.markers
 
     def edit_logits(self, layer, z):
         if layer not in self.layers:
             return z
         z = z.clone()
+        image_keys = self.key_mask(self.image, z.shape[-1])
+        prefix_keys = self.key_mask(self.prefix, z.shape[-1])
         for b in range(z.shape[0]):
             image = _positions(self.image[b])
             if not image:
                 continue
-            prefix = [j for j in range(min(image)) if bool(self.valid[b, j])]
+            keys, prefix = _positions(image_keys[b]), _positions(prefix_keys[b])
             for i, pos in enumerate(self.positions):
                 if self.rows == "after_image" and pos <= max(image):
                     continue
                 for h in range(z.shape[1]):
                     row = z[b, h, i]
-                    row[image] = row[image] * self.image_scale
+                    row[keys] = row[keys] * self.image_scale
                     row[prefix] = row[prefix] * self.system_scale
         return z
 
@@ -352,10 +379,12 @@ class PAINTOracle(EagerOracle):
 
 
 class GIFTOracle(EagerOracle):
-    """GIFT as DESIGN.md states it. The user query is the prompt after the last image token without the
-    generation prompt (``ASSISTANT:``); ``informative`` (words) filters the query tokens that give the
-    saliency, ``None`` keeps them all. The saliency reads this pass's prefill probabilities of the
-    saliency layers (they precede every enhanced layer and the enhancement only touches the last row)."""
+    """GIFT as DESIGN.md states it. The user query is the prompt after the last image token (or image
+    marker: ``markers``) without the generation prompt (``ASSISTANT:``; token strings, ``()`` where the
+    family has none) and without the ``not_query`` ids (PaliGemma's ``<bos>``); ``informative`` (words)
+    filters the query tokens that give the saliency, ``None`` keeps them all. The saliency reads this pass's
+    prefill probabilities of the saliency layers (they precede every enhanced layer and the enhancement
+    only touches the last row). Keys are read through :meth:`key_mask` (sliding-window layers)."""
 
     def __init__(
         self,
@@ -370,8 +399,11 @@ class GIFTOracle(EagerOracle):
         informative: set[str] | None,
         generation_prompt=("assistant", ":"),
         saliency_from: dict[int, torch.Tensor] | None = None,
+        markers=(),
+        not_query=(),
+        mask="sdpa",
     ):
-        super().__init__(model, image_token_id)
+        super().__init__(model, image_token_id, mask)
         #: the saliency layers' prefill probabilities of an earlier, separate pass (GIFT's released code
         #: reads its saliency in an extra prefill); ``None``: this pass's own
         self.saliency_from = saliency_from
@@ -382,6 +414,8 @@ class GIFTOracle(EagerOracle):
         self.head_fraction = head_fraction
         self.informative = informative
         self.suffix = tokenizer.convert_tokens_to_ids(list(generation_prompt))
+        self.markers = set(markers)
+        self.not_query = set(not_query)
         self.saliency: list[torch.Tensor | None] = []
         self.kept: list[list[int]] = []
 
@@ -394,9 +428,12 @@ class GIFTOracle(EagerOracle):
                 self.query.append([])
                 self.kept.append([])
                 continue
-            span = list(range(max(image) + 1, length))
-            assert self.ids[b, span[-len(self.suffix) :]].tolist() == self.suffix
-            span = span[: -len(self.suffix)]
+            marked = [j for j in range(length) if int(self.ids[b, j]) in self.markers]
+            span = list(range(max(image + marked) + 1, length))
+            if self.suffix:
+                assert self.ids[b, span[-len(self.suffix) :]].tolist() == self.suffix
+                span = span[: -len(self.suffix)]
+            span = [j for j in span if int(self.ids[b, j]) not in self.not_query]
             words = self.tokenizer.convert_ids_to_tokens(self.ids[b, span].tolist())
             self.query.append(span)
             keep = [self.informative is None or w in self.informative for w in words]
@@ -440,7 +477,14 @@ class GIFTOracle(EagerOracle):
             weights = self.saliency[b]
             if weights is None:
                 continue
-            image, query = _positions(self.image[b]), self.query[b]
+            nk = p.shape[-1]
+            image = _positions(self.key_mask(self.image, nk)[b])
+            query = torch.zeros_like(self.valid[:1])
+            query[0, self.query[b]] = True
+            query = _positions(self.key_mask(query, nk)[0])
+            per_key = torch.zeros(1, self.valid.shape[1], dtype=weights.dtype)
+            per_key[0, _positions(self.image[b])] = weights
+            weights = self.key_mask(per_key, nk)[0, image]  # the saliency of the image keys in view
             row = p[b, :, -1].clone()  # [H, Nk]
             vision = _top([float(row[h, image].sum()) for h in range(heads)], keep)
             text = _top([float(row[h, query].sum()) for h in range(heads)], keep)
@@ -459,13 +503,16 @@ class VHROracle(EagerOracle):
     """VHR: chosen heads' outputs (before ``o_proj``) times ``alpha`` at every position in ``layers``.
 
     :meth:`choose` picks the heads the slow way: per prompt (unpadded) and per listed layer in order, one
-    forward of the prompt and one of the prompt without its image tokens, with the heads already chosen in
+    forward of the prompt and one of the prompt without its image tokens and the ``markers`` around them
+    (per-token inputs such as ``token_type_ids`` cut alike, image inputs dropped; the family builds its own
+    positions and masks for it), with the heads already chosen in
     earlier layers reinforced; ``vhd = ||o_img - o_txt||``, ``ta = ||o_txt||^2`` at the last position;
     with the outlier filter, heads above mean + (sample) std in both get ``vhd = 0``; heads with ``vhd``
     above the layer's median are chosen."""
 
-    def __init__(self, model, image_token_id, *, alpha, layers, outlier_filter):
-        super().__init__(model, image_token_id)
+    def __init__(self, model, image_token_id, *, alpha, layers, outlier_filter, markers=(), mask="sdpa"):
+        super().__init__(model, image_token_id, mask)
+        self.markers = tuple(markers)
         self.alpha = alpha
         self.layers = sorted(layers)
         self.outlier_filter = outlier_filter
@@ -507,9 +554,12 @@ class VHROracle(EagerOracle):
         """Heads per layer ``[len(rows), H]`` for unpadded one-row inputs (call inside the context)."""
         chosen = {layer: [] for layer in self.layers}
         for inputs in rows:
-            ids = inputs["input_ids"][0]
-            text = ids[ids != self.image_token_id][None]
-            text_only = {"input_ids": text, "attention_mask": torch.ones_like(text)}
+            ids = inputs["input_ids"]
+            keep = ~torch.isin(ids[0], torch.tensor([self.image_token_id, *self.markers]))
+            text_only = {"input_ids": ids[:, keep], "attention_mask": torch.ones_like(ids[:, keep])}
+            for name, value in inputs.items():  # per-token inputs (token types); not the images' own
+                if name not in text_only and torch.is_tensor(value) and value.shape == ids.shape:
+                    text_only[name] = value[:, keep]
             self.heads = {}
             for layer in self.layers:
                 heads = self._decide(self._run(inputs, layer), self._run(text_only, layer))
