@@ -35,6 +35,7 @@ class EagerOracle:
         self.valid = None  # [B, T] bool
         self.ids = None  # [B, T] the prompt's token ids
         self.pixel_values = None  # the prompt's images, when it has any
+        self.tower_input = None  # the images the vision tower was last given (see PAINTOracle)
         self.positions: list[int] = []  # absolute positions of the current call's query rows
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -67,7 +68,10 @@ class EagerOracle:
             self.image = (ids == self.image_token_id) & self.valid
             self.prompt_len = ids.shape[1]
             self.ids = ids
-            self.pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+            pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+            # generate() runs the vision tower before this forward (it passes the encoder's outputs)
+            self.pixel_values = pixel_values if pixel_values is not None else self.tower_input
+            self.tower_input = None
             self.new_prompt()
 
     def _layer_hook(self, idx):
@@ -223,23 +227,40 @@ def marker_ids(config) -> tuple[int, ...]:
 
 def vision_cls_attention(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     """Per vision layer, the CLS query's attention to each patch summed over heads ``[images, patches]``,
-    recomputed from the tower's weights: LayerNorm -> q/k projections -> softmax of the CLS row."""
+    recomputed from the tower's weights: LayerNorm -> q/k projections (InternViT: and its q/k norms) ->
+    softmax of the CLS row."""
     tower = model.model.vision_tower
     encoder = tower.vision_model.encoder if hasattr(tower, "vision_model") else tower.encoder
+    intern = hasattr(encoder, "layer")  # InternViT: encoder.layer[i].layernorm_before / .attention
     with torch.no_grad():
         hidden = tower(pixel_values, output_hidden_states=True).hidden_states  # [i] = input of layer i
         out = []
-        for idx, layer in enumerate(encoder.layers):
-            x = layer.layer_norm1(hidden[idx]).float()
-            attn = layer.self_attn
+        for idx, layer in enumerate(encoder.layer if intern else encoder.layers):
+            norm, attn = (
+                (layer.layernorm_before, layer.attention) if intern else (layer.layer_norm1, layer.self_attn)
+            )
+            x = norm(hidden[idx]).float()
             images, tokens, width = x.shape
             heads = attn.num_heads
             dim = width // heads
-            q = attn.q_proj(x).view(images, tokens, heads, dim).transpose(1, 2)
-            k = attn.k_proj(x).view(images, tokens, heads, dim).transpose(1, 2)
+            q, k = attn.q_proj(x), attn.k_proj(x)
+            if intern:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q.view(images, tokens, heads, dim).transpose(1, 2)
+            k = k.view(images, tokens, heads, dim).transpose(1, 2)
             z = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] / dim**0.5  # [images, heads, tokens]
             out.append(torch.softmax(z, dim=-1).sum(1)[:, 1:])  # drop the CLS column
     return out
+
+
+def fold_patches(per_patch: torch.Tensor, block: int) -> torch.Tensor:
+    """``[images, side*side]`` patch values (row-major) summed over ``block x block`` squares: one value
+    per image token of a projector that folds each square into one token (InternVL's pixel shuffle),
+    tokens row-major ``[images, (side/block)^2]``."""
+    images, count = per_patch.shape
+    side = int(count**0.5)
+    grid = per_patch.reshape(images, side // block, block, side // block, block)
+    return grid.sum(dim=(2, 4)).reshape(images, -1)
 
 
 def paint_sets(first: torch.Tensor, feature: torch.Tensor, local_ratio: float) -> tuple[list, list]:
@@ -337,7 +358,10 @@ class VAFOracle(EagerOracle):
 class PAINTOracle(EagerOracle):
     """PAINT: token sets from the vision tower's CLS attention (see :func:`paint_sets`), then in
     ``layers`` the last row's logits grow by ``alpha*|z|`` on local image keys, ``beta*|z|`` on summary
-    keys. The r-th image token of the batch (row-major) is patch ``r % P`` of image ``r // P``."""
+    keys. The r-th image token of the batch (row-major) is patch ``r % P`` of image ``r // P``; where the
+    projector folds squares of patches into one token (InternVL's ``downsample_ratio``), a token's CLS
+    attention is the sum over its square (:func:`fold_patches`) and P counts tokens. The images are those
+    the model's forward gets, or under ``generate`` those its vision tower was last given."""
 
     def __init__(self, model, image_token_id, *, alpha, beta, local_ratio, layers):
         super().__init__(model, image_token_id)
@@ -349,11 +373,25 @@ class PAINTOracle(EagerOracle):
         self.summary: list[set[int]] = []
         self.boost: dict[tuple[int, int], float] = {}
 
+    def __enter__(self):
+        super().__enter__()
+
+        def capture(module, args, kwargs):
+            self.tower_input = args[0] if args else kwargs["pixel_values"]
+
+        self.handles.append(
+            self.model.model.vision_tower.register_forward_pre_hook(capture, with_kwargs=True)
+        )
+        return self
+
     def new_prompt(self):
         self.local, self.summary, self.boost = [], [], {}
         if self.pixel_values is None:
             return
         per_layer = vision_cls_attention(self.model, self.pixel_values)
+        ratio = getattr(self.model.config, "downsample_ratio", None)
+        if ratio is not None:  # InternVL: one token per (1/ratio)^2 patches
+            per_layer = [fold_patches(values, round(1 / ratio)) for values in per_layer]
         index = self.model.config.vision_feature_layer  # into hidden_states: [0] embeddings, [i] layer i-1
         feature = (len(per_layer) + 1 + index if index < 0 else index) - 1
         self.local, self.summary = paint_sets(per_layer[0], per_layer[feature], self.local_ratio)

@@ -13,7 +13,7 @@ import family_kit as fk
 import kit
 import pytest
 import torch
-from oracles import GIFTOracle, PAIOracle, VAFOracle, VAROracle, VHROracle, marker_ids
+from oracles import GIFTOracle, PAINTOracle, PAIOracle, VAFOracle, VAROracle, VHROracle, marker_ids
 
 from mitigate import ConfigError, apply_mitigation, mitigated
 
@@ -112,8 +112,9 @@ def expected(family: str, method: str):
 
 
 @pytest.mark.parametrize(("family", "method", "kernel"), CASES)
-def test_matches_the_oracle_on_the_familys_own_masks(family, method, kernel, monkeypatch):
-    rows = []  # query rows of each fused Triton kernel call
+def fused_calls(kernel: str, monkeypatch) -> list[int]:
+    """For ``triton``: the query rows of each call of the fused kernel, filled as it runs."""
+    rows = []
     if kernel == "triton":
         pytest.importorskip("triton")
         from mitigate.kernels import triton_plan
@@ -126,6 +127,11 @@ def test_matches_the_oracle_on_the_familys_own_masks(family, method, kernel, mon
             return fused(query, *args, **kwargs)
 
         monkeypatch.setattr(triton_plan, "grouped", counted)
+    return rows
+
+
+def test_matches_the_oracle_on_the_familys_own_masks(family, method, kernel, monkeypatch):
+    rows = fused_calls(kernel, monkeypatch)
     model, processor = fk.tiny(family)
     batch, vanilla, oracle, choices = expected(family, method)
     extra = {"processor": processor, "pos_filter": False} if method == "gift" else {}
@@ -144,6 +150,49 @@ def test_matches_the_oracle_on_the_familys_own_masks(family, method, kernel, mon
     if kernel == "triton":
         assert 1 in rows, "decode steps must run in the fused kernel"
         assert (max(rows) > 1) == (family in PLAIN_PREFILL), "prefill: the fused kernel where masks are plain"
+    after = fk.generate(model, batch)
+    assert all(torch.equal(a, b) for a, b in zip(after.logits, vanilla.logits, strict=True))
+
+
+PAINT = {"alpha": 2.0, "beta": 1.0, "local_ratio": 0.25, "layers": [1, 2, 3]}
+PAINT_CASES = [pytest.param("llava", k, id=f"llava-{k}") for k in kit.KERNELS] + [
+    pytest.param("internvl", k, marks=[pytest.mark.slow] if k == "triton" else [], id=f"internvl-{k}")
+    for k in KERNELS
+]
+
+
+@cache
+def paint_expected(family: str):
+    model, processor = fk.tiny(family)
+    # wide_image(2) has a summary (IQR-outlier) token in both tiny towers; InternVL tiles it (3 tower images)
+    batch = fk.encode(processor, [(kit.PROMPTS[0], [fk.wide_image(2)]), (kit.PROMPTS[2], [])])
+    oracle = PAINTOracle(model, model.config.image_token_id, **PAINT)
+    vanilla = fk.generate(model, batch)
+    with oracle:
+        generated = fk.generate(model, batch)
+    assert any(oracle.local) and any(oracle.summary), "both token streams must be exercised"
+    return batch, vanilla, generated, (oracle.local, oracle.summary)
+
+
+@pytest.mark.parametrize(("family", "kernel"), PAINT_CASES)
+def test_paint_matches_the_oracle(family, kernel, monkeypatch):
+    """PAINT where the tower has a CLS token: LLaVA, and InternVL, whose projector folds each 2x2 square
+    of patches into one token (the CLS attention summed over it) and whose wide image is several tiles."""
+    rows = fused_calls(kernel, monkeypatch)
+    model, _ = fk.tiny(family)
+    batch, vanilla, oracle, sets = paint_expected(family)
+    with mitigated(model, "paint", kernel=kit.use_kernel(kernel, monkeypatch), **PAINT) as handle:
+        got = fk.generate(model, batch)
+        state = handle._session.state[0]
+    stored = tuple(
+        [set(row.nonzero().squeeze(1).tolist()) for row in state[key]] for key in ("local", "summary")
+    )
+    assert stored == sets, "the same local and summary tokens"
+    assert fk.logit_diff(oracle, vanilla) > 1e-3, "the oracle's edit must change the logits"
+    assert torch.equal(got.sequences, oracle.sequences)
+    assert fk.logit_diff(got, oracle) <= 1e-4
+    if kernel == "triton":
+        assert 1 in rows and max(rows) > 1, "prefill and decode in the fused kernel"
     after = fk.generate(model, batch)
     assert all(torch.equal(a, b) for a, b in zip(after.logits, vanilla.logits, strict=True))
 
