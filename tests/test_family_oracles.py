@@ -111,7 +111,6 @@ def expected(family: str, method: str):
     return batch, vanilla, generated, choices.get(method, lambda: None)()
 
 
-@pytest.mark.parametrize(("family", "method", "kernel"), CASES)
 def fused_calls(kernel: str, monkeypatch) -> list[int]:
     """For ``triton``: the query rows of each call of the fused kernel, filled as it runs."""
     rows = []
@@ -130,6 +129,7 @@ def fused_calls(kernel: str, monkeypatch) -> list[int]:
     return rows
 
 
+@pytest.mark.parametrize(("family", "method", "kernel"), CASES)
 def test_matches_the_oracle_on_the_familys_own_masks(family, method, kernel, monkeypatch):
     rows = fused_calls(kernel, monkeypatch)
     model, processor = fk.tiny(family)
