@@ -8,7 +8,10 @@ They run on any family through transformers' own interfaces: the language model 
 ``model.get_decoder()``, the family's own masks (with ``mask="eager"``, the additive float masks that the
 family's eager attention gets: prefix-LM, bidirectional image blocks, windows), and ``module.is_causal``
 when a call has no mask (PaliGemma's prefix-LM modules are not causal). Rows are the last ones of the
-current forward (Gemma 4's key/value-sharing layers get one row at prefill).
+current forward (Gemma 4's key/value-sharing layers get one row at prefill); keys are the call's own, on a
+sliding-window layer the last ones (:meth:`EagerOracle.key_mask`). Where a family writes markers around its
+image tokens (:func:`marker_ids`: Qwen's vision start/end, Gemma's begin/end-of-image), VAF's prefix, GIFT's
+query and VHR's text-only twin leave them out.
 """
 
 from __future__ import annotations
