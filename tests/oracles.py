@@ -8,7 +8,10 @@ They run on any family through transformers' own interfaces: the language model 
 ``model.get_decoder()``, the family's own masks (with ``mask="eager"``, the additive float masks that the
 family's eager attention gets: prefix-LM, bidirectional image blocks, windows), and ``module.is_causal``
 when a call has no mask (PaliGemma's prefix-LM modules are not causal). Rows are the last ones of the
-current forward (Gemma 4's key/value-sharing layers get one row at prefill).
+current forward (Gemma 4's key/value-sharing layers get one row at prefill); keys are the call's own, on a
+sliding-window layer the last ones (:meth:`EagerOracle.key_mask`). Where a family writes markers around its
+image tokens (:func:`marker_ids`: Qwen's vision start/end, Gemma's begin/end-of-image), VAF's prefix, GIFT's
+query and VHR's text-only twin leave them out.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class EagerOracle:
         self.valid = None  # [B, T] bool
         self.ids = None  # [B, T] the prompt's token ids
         self.pixel_values = None  # the prompt's images, when it has any
+        self.tower_input = None  # the images the vision tower was last given (see PAINTOracle)
         self.positions: list[int] = []  # absolute positions of the current call's query rows
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -67,7 +71,10 @@ class EagerOracle:
             self.image = (ids == self.image_token_id) & self.valid
             self.prompt_len = ids.shape[1]
             self.ids = ids
-            self.pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+            pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+            # generate() runs the vision tower before this forward (it passes the encoder's outputs)
+            self.pixel_values = pixel_values if pixel_values is not None else self.tower_input
+            self.tower_input = None
             self.new_prompt()
 
     def _layer_hook(self, idx):
@@ -106,9 +113,10 @@ class EagerOracle:
         return out.transpose(1, 2).to(query.dtype), None
 
     def key_mask(self, mask: torch.Tensor, nk: int) -> torch.Tensor:
-        """A prompt mask over the call's keys; a sliding-window cache keeps only the latest positions."""
+        """A prompt mask (or any per-position values) over the call's keys; a sliding-window cache keeps
+        only the latest positions."""
         offset = getattr(self, "key_offset", 0)
-        pad = torch.zeros(mask.shape[0], max(0, offset + nk - mask.shape[1]), dtype=torch.bool)
+        pad = torch.zeros(mask.shape[0], max(0, offset + nk - mask.shape[1]), dtype=mask.dtype)
         return torch.cat([mask, pad], dim=1)[:, offset : offset + nk]
 
     # -- hooks for subclasses --------------------------------------------------------------------
@@ -212,25 +220,50 @@ def _top(values: list[float], count: int) -> list[int]:
     return sorted(range(len(values)), key=lambda i: (-values[i], i))[:count]
 
 
+def marker_ids(config) -> tuple[int, ...]:
+    """The ids a family writes around its image tokens, as transformers' config names them (Qwen's
+    ``<|vision_start|>``/``<|vision_end|>``, Gemma's begin/end-of-image); ``()`` for families without."""
+    names = ("vision_start_token_id", "vision_end_token_id", "boi_token_index", "eoi_token_index",
+             "boi_token_id", "eoi_token_id")  # fmt: skip
+    return tuple(int(i) for i in (getattr(config, name, None) for name in names) if i is not None)
+
+
 def vision_cls_attention(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     """Per vision layer, the CLS query's attention to each patch summed over heads ``[images, patches]``,
-    recomputed from the tower's weights: LayerNorm -> q/k projections -> softmax of the CLS row."""
+    recomputed from the tower's weights: LayerNorm -> q/k projections (InternViT: and its q/k norms) ->
+    softmax of the CLS row."""
     tower = model.model.vision_tower
     encoder = tower.vision_model.encoder if hasattr(tower, "vision_model") else tower.encoder
+    intern = hasattr(encoder, "layer")  # InternViT: encoder.layer[i].layernorm_before / .attention
     with torch.no_grad():
         hidden = tower(pixel_values, output_hidden_states=True).hidden_states  # [i] = input of layer i
         out = []
-        for idx, layer in enumerate(encoder.layers):
-            x = layer.layer_norm1(hidden[idx]).float()
-            attn = layer.self_attn
+        for idx, layer in enumerate(encoder.layer if intern else encoder.layers):
+            norm, attn = (
+                (layer.layernorm_before, layer.attention) if intern else (layer.layer_norm1, layer.self_attn)
+            )
+            x = norm(hidden[idx]).float()
             images, tokens, width = x.shape
             heads = attn.num_heads
             dim = width // heads
-            q = attn.q_proj(x).view(images, tokens, heads, dim).transpose(1, 2)
-            k = attn.k_proj(x).view(images, tokens, heads, dim).transpose(1, 2)
+            q, k = attn.q_proj(x), attn.k_proj(x)
+            if intern:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q.view(images, tokens, heads, dim).transpose(1, 2)
+            k = k.view(images, tokens, heads, dim).transpose(1, 2)
             z = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] / dim**0.5  # [images, heads, tokens]
             out.append(torch.softmax(z, dim=-1).sum(1)[:, 1:])  # drop the CLS column
     return out
+
+
+def fold_patches(per_patch: torch.Tensor, block: int) -> torch.Tensor:
+    """``[images, side*side]`` patch values (row-major) summed over ``block x block`` squares: one value
+    per image token of a projector that folds each square into one token (InternVL's pixel shuffle),
+    tokens row-major ``[images, (side/block)^2]``."""
+    images, count = per_patch.shape
+    side = int(count**0.5)
+    grid = per_patch.reshape(images, side // block, block, side // block, block)
+    return grid.sum(dim=(2, 4)).reshape(images, -1)
 
 
 def paint_sets(first: torch.Tensor, feature: torch.Tensor, local_ratio: float) -> tuple[list, list]:
@@ -278,31 +311,49 @@ class PAIOracle(EagerOracle):
 
 class VAFOracle(EagerOracle):
     """VAF: in ``layers``, logits to image keys times ``image_scale`` and to the prefix (real tokens before
-    the first image) times ``system_scale``; on every query row (``rows="all"``) or, at prefill, only on
-    rows after the image (``rows="after_image"``; decode rows always)."""
+    the first image or image marker: ``markers``, see :func:`marker_ids`) times ``system_scale``; on every
+    query row (``rows="all"``) or, at prefill, only on rows after the image (``rows="after_image"``; decode
+    rows always). Keys are read through :meth:`key_mask` (a sliding-window layer sees the last ones)."""
 
-    def __init__(self, model, image_token_id, *, image_scale, system_scale, layers, rows="all"):
-        super().__init__(model, image_token_id)
+    def __init__(
+        self, model, image_token_id, *, image_scale, system_scale, layers, rows="all", markers=(), mask="sdpa"
+    ):
+        super().__init__(model, image_token_id, mask)
         self.image_scale = image_scale
         self.system_scale = system_scale
         self.layers = set(layers)
         self.rows = rows
+        self.markers = tuple(markers)
+
+    def new_prompt(self):
+        self.prefix = torch.zeros_like(self.valid)
+        for b in range(self.ids.shape[0]):
+            if not self.image[b].any():
+                continue
+            first = min(j for j in range(self.ids.shape[1]) if self._in_span(b, j))
+            for j in range(first):
+                self.prefix[b, j] = bool(self.valid[b, j])
+
+    def _in_span(self, b, j):
+        return bool(self.image[b, j]) or int(self.ids[b, j]) in self.markers
 
     def edit_logits(self, layer, z):
         if layer not in self.layers:
             return z
         z = z.clone()
+        image_keys = self.key_mask(self.image, z.shape[-1])
+        prefix_keys = self.key_mask(self.prefix, z.shape[-1])
         for b in range(z.shape[0]):
             image = _positions(self.image[b])
             if not image:
                 continue
-            prefix = [j for j in range(min(image)) if bool(self.valid[b, j])]
+            keys, prefix = _positions(image_keys[b]), _positions(prefix_keys[b])
             for i, pos in enumerate(self.positions):
                 if self.rows == "after_image" and pos <= max(image):
                     continue
                 for h in range(z.shape[1]):
                     row = z[b, h, i]
-                    row[image] = row[image] * self.image_scale
+                    row[keys] = row[keys] * self.image_scale
                     row[prefix] = row[prefix] * self.system_scale
         return z
 
@@ -310,7 +361,10 @@ class VAFOracle(EagerOracle):
 class PAINTOracle(EagerOracle):
     """PAINT: token sets from the vision tower's CLS attention (see :func:`paint_sets`), then in
     ``layers`` the last row's logits grow by ``alpha*|z|`` on local image keys, ``beta*|z|`` on summary
-    keys. The r-th image token of the batch (row-major) is patch ``r % P`` of image ``r // P``."""
+    keys. The r-th image token of the batch (row-major) is patch ``r % P`` of image ``r // P``; where the
+    projector folds squares of patches into one token (InternVL's ``downsample_ratio``), a token's CLS
+    attention is the sum over its square (:func:`fold_patches`) and P counts tokens. The images are those
+    the model's forward gets, or under ``generate`` those its vision tower was last given."""
 
     def __init__(self, model, image_token_id, *, alpha, beta, local_ratio, layers):
         super().__init__(model, image_token_id)
@@ -322,11 +376,25 @@ class PAINTOracle(EagerOracle):
         self.summary: list[set[int]] = []
         self.boost: dict[tuple[int, int], float] = {}
 
+    def __enter__(self):
+        super().__enter__()
+
+        def capture(module, args, kwargs):
+            self.tower_input = args[0] if args else kwargs["pixel_values"]
+
+        self.handles.append(
+            self.model.model.vision_tower.register_forward_pre_hook(capture, with_kwargs=True)
+        )
+        return self
+
     def new_prompt(self):
         self.local, self.summary, self.boost = [], [], {}
         if self.pixel_values is None:
             return
         per_layer = vision_cls_attention(self.model, self.pixel_values)
+        ratio = getattr(self.model.config, "downsample_ratio", None)
+        if ratio is not None:  # InternVL: one token per (1/ratio)^2 patches
+            per_layer = [fold_patches(values, round(1 / ratio)) for values in per_layer]
         index = self.model.config.vision_feature_layer  # into hidden_states: [0] embeddings, [i] layer i-1
         feature = (len(per_layer) + 1 + index if index < 0 else index) - 1
         self.local, self.summary = paint_sets(per_layer[0], per_layer[feature], self.local_ratio)
@@ -352,10 +420,12 @@ class PAINTOracle(EagerOracle):
 
 
 class GIFTOracle(EagerOracle):
-    """GIFT as DESIGN.md states it. The user query is the prompt after the last image token without the
-    generation prompt (``ASSISTANT:``); ``informative`` (words) filters the query tokens that give the
-    saliency, ``None`` keeps them all. The saliency reads this pass's prefill probabilities of the
-    saliency layers (they precede every enhanced layer and the enhancement only touches the last row)."""
+    """GIFT as DESIGN.md states it. The user query is the prompt after the last image token (or image
+    marker: ``markers``) without the generation prompt (``ASSISTANT:``; token strings, ``()`` where the
+    family has none) and without the ``not_query`` ids (PaliGemma's ``<bos>``); ``informative`` (words)
+    filters the query tokens that give the saliency, ``None`` keeps them all. The saliency reads this pass's
+    prefill probabilities of the saliency layers (they precede every enhanced layer and the enhancement
+    only touches the last row). Keys are read through :meth:`key_mask` (sliding-window layers)."""
 
     def __init__(
         self,
@@ -370,8 +440,11 @@ class GIFTOracle(EagerOracle):
         informative: set[str] | None,
         generation_prompt=("assistant", ":"),
         saliency_from: dict[int, torch.Tensor] | None = None,
+        markers=(),
+        not_query=(),
+        mask="sdpa",
     ):
-        super().__init__(model, image_token_id)
+        super().__init__(model, image_token_id, mask)
         #: the saliency layers' prefill probabilities of an earlier, separate pass (GIFT's released code
         #: reads its saliency in an extra prefill); ``None``: this pass's own
         self.saliency_from = saliency_from
@@ -382,6 +455,8 @@ class GIFTOracle(EagerOracle):
         self.head_fraction = head_fraction
         self.informative = informative
         self.suffix = tokenizer.convert_tokens_to_ids(list(generation_prompt))
+        self.markers = set(markers)
+        self.not_query = set(not_query)
         self.saliency: list[torch.Tensor | None] = []
         self.kept: list[list[int]] = []
 
@@ -394,9 +469,12 @@ class GIFTOracle(EagerOracle):
                 self.query.append([])
                 self.kept.append([])
                 continue
-            span = list(range(max(image) + 1, length))
-            assert self.ids[b, span[-len(self.suffix) :]].tolist() == self.suffix
-            span = span[: -len(self.suffix)]
+            marked = [j for j in range(length) if int(self.ids[b, j]) in self.markers]
+            span = list(range(max(image + marked) + 1, length))
+            if self.suffix:
+                assert self.ids[b, span[-len(self.suffix) :]].tolist() == self.suffix
+                span = span[: -len(self.suffix)]
+            span = [j for j in span if int(self.ids[b, j]) not in self.not_query]
             words = self.tokenizer.convert_ids_to_tokens(self.ids[b, span].tolist())
             self.query.append(span)
             keep = [self.informative is None or w in self.informative for w in words]
@@ -440,7 +518,14 @@ class GIFTOracle(EagerOracle):
             weights = self.saliency[b]
             if weights is None:
                 continue
-            image, query = _positions(self.image[b]), self.query[b]
+            nk = p.shape[-1]
+            image = _positions(self.key_mask(self.image, nk)[b])
+            query = torch.zeros_like(self.valid[:1])
+            query[0, self.query[b]] = True
+            query = _positions(self.key_mask(query, nk)[0])
+            per_key = torch.zeros(1, self.valid.shape[1], dtype=weights.dtype)
+            per_key[0, _positions(self.image[b])] = weights
+            weights = self.key_mask(per_key, nk)[0, image]  # the saliency of the image keys in view
             row = p[b, :, -1].clone()  # [H, Nk]
             vision = _top([float(row[h, image].sum()) for h in range(heads)], keep)
             text = _top([float(row[h, query].sum()) for h in range(heads)], keep)
@@ -459,13 +544,16 @@ class VHROracle(EagerOracle):
     """VHR: chosen heads' outputs (before ``o_proj``) times ``alpha`` at every position in ``layers``.
 
     :meth:`choose` picks the heads the slow way: per prompt (unpadded) and per listed layer in order, one
-    forward of the prompt and one of the prompt without its image tokens, with the heads already chosen in
+    forward of the prompt and one of the prompt without its image tokens and the ``markers`` around them
+    (per-token inputs such as ``token_type_ids`` cut alike, image inputs dropped; the family builds its own
+    positions and masks for it), with the heads already chosen in
     earlier layers reinforced; ``vhd = ||o_img - o_txt||``, ``ta = ||o_txt||^2`` at the last position;
     with the outlier filter, heads above mean + (sample) std in both get ``vhd = 0``; heads with ``vhd``
     above the layer's median are chosen."""
 
-    def __init__(self, model, image_token_id, *, alpha, layers, outlier_filter):
-        super().__init__(model, image_token_id)
+    def __init__(self, model, image_token_id, *, alpha, layers, outlier_filter, markers=(), mask="sdpa"):
+        super().__init__(model, image_token_id, mask)
+        self.markers = tuple(markers)
         self.alpha = alpha
         self.layers = sorted(layers)
         self.outlier_filter = outlier_filter
@@ -507,9 +595,12 @@ class VHROracle(EagerOracle):
         """Heads per layer ``[len(rows), H]`` for unpadded one-row inputs (call inside the context)."""
         chosen = {layer: [] for layer in self.layers}
         for inputs in rows:
-            ids = inputs["input_ids"][0]
-            text = ids[ids != self.image_token_id][None]
-            text_only = {"input_ids": text, "attention_mask": torch.ones_like(text)}
+            ids = inputs["input_ids"]
+            keep = ~torch.isin(ids[0], torch.tensor([self.image_token_id, *self.markers]))
+            text_only = {"input_ids": ids[:, keep], "attention_mask": torch.ones_like(ids[:, keep])}
+            for name, value in inputs.items():  # per-token inputs (token types); not the images' own
+                if name not in text_only and torch.is_tensor(value) and value.shape == ids.shape:
+                    text_only[name] = value[:, keep]
             self.heads = {}
             for layer in self.layers:
                 heads = self._decide(self._run(inputs, layer), self._run(text_only, layer))
