@@ -515,6 +515,12 @@ def test_eval_trihe_end_to_end_resume_and_report(app, tmp_path):
         assert server.calls == calls
         assert (runs["vanilla"] / "predictions.jsonl").read_text() == predictions
 
+    # With the judge gone, the same rerun still needs nothing from it: no probe, the same figures.
+    invoke(app, "eval", "trihe", "--model", "builtin:tiny-llava", "--data", data, "--image-root", images,
+           "--max-new-tokens", 6, "--no-progress", "--out", runs["vanilla"],
+           "--judge-url", server.url, "--judge-model", "m")  # fmt: skip
+    assert json.loads((runs["vanilla"] / "results.json").read_text())["metrics"] == results["metrics"]
+
     report = tmp_path / "report"
     result = invoke(app, "report", runs["vanilla"], runs["vaf"], "--out", report, "--resamples", 50)
     saved = json.loads((report / "report.json").read_text())

@@ -118,6 +118,7 @@ def run_compare(
         method_request(setting.method, dict(setting.sets))  # names and values, before any generation
     for bench in benchmarks:  # every benchmark's data (and Tri-HE's judge) before the first one runs
         bench.task.check()
+        bench.task.before_generating(1)  # a comparison generates: its judge must answer
     folders: dict[str, dict[str, Path]] = {}
     skipped: dict[str, str] = {}
     main = True

@@ -131,6 +131,7 @@ def evaluate(task: Task, cfg: RunConfig) -> dict[str, Any] | None:
             shard=shard,
             progress=cfg.progress,
             desc=f"{task.name} {method_label(cfg.method, cfg.sets)}",
+            before=task.before_generating,
         )
         write_jsonl(_errors_file(out, shard), errors)
         barrier(shard)

@@ -71,14 +71,18 @@ def generate_all(
     shard: Shard | None = None,
     progress: bool = True,
     desc: str = "generating",
+    before: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate the answers of this shard's samples that the cache lacks; returns per-sample errors."""
+    """Generate the answers of this shard's samples that the cache lacks; returns per-sample errors.
+    ``before`` gets the number of answers to generate, before the first one."""
     shard = shard or Shard()
     prompts = _prompts(processor, samples)
     keys = {sid: record_key(key, sid, prompt) for sid, prompt in prompts.items()}
     cache.prepare()  # first: a corrupt line of ours is quarantined, so its sample counts as not done
     done = set(cache.load())
     pending = [s for s in shard.take(samples) if keys[s.id] not in done]
+    if before is not None:
+        before(len(pending))
     errors: list[dict[str, Any]] = []
     device = model_device(model)
     dtype = next(model.parameters()).dtype

@@ -38,6 +38,11 @@ class Task(ABC):
     def process(self, doc: Any, text: str) -> dict[str, Any]:
         """One answer as a per-sample record (with ``sample_id``)."""
 
+    def before_generating(self, pending: int) -> None:
+        """Called once the run knows how many answers it still has to generate, before the first one (a
+        task that needs a service to score them checks it here; nothing to generate, nothing to check)."""
+        return None
+
     def process_all(self, pairs: list[tuple[Any, str]]) -> list[dict[str, Any]]:
         """Every answer as a record; a task that scores answers together (Tri-HE's judge calls) overrides."""
         return [self.process(doc, text) for doc, text in pairs]

@@ -353,8 +353,13 @@ class TriheTask(Task):
         if self.judge is None:
             raise ValueError("Tri-HE needs a judge (--judge-url and --judge-model, or --judge local:...)")
         self.judge.check()
-        self.judge.probe()  # an endpoint that cannot be reached fails now, not after generation
         self._scorer().local()  # a local judge that cannot load fails now, not after generation
+
+    def before_generating(self, pending: int) -> None:
+        """An endpoint that cannot be reached fails before any answer is generated; a rerun with every
+        answer (and so every judge reply) cached makes no request at all."""
+        if pending:
+            self.judge.probe()
 
     def sample(self, doc: TriheQuestion) -> Sample:
         return Sample(doc.sample_id, doc.question + self.suffix, lambda: self.load_image(doc.image_id))
