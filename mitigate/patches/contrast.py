@@ -175,13 +175,12 @@ class Contrast:
 def _refuse_rolling_windows(cache: Any) -> None:
     """A static sliding-window layer shorter than the generation rolls its slots, and then its mask no
     longer says which position a slot holds: the twins' padding cannot be placed there."""
-    layers = list(getattr(cache, "layers", ()))
-    full = [layer.max_cache_len for layer in layers if not getattr(layer, "is_sliding", False)]
-    for layer in layers:
+    for layer in getattr(cache, "layers", ()):
         if not getattr(layer, "is_sliding", False):
             continue
         croppable = getattr(layer, "_is_croppable", None)  # transformers: "the window never rolls"
         if croppable is None:  # without that flag: no shorter than every full layer (else assume it rolls)
+            full = [other.max_cache_len for other in cache.layers if not getattr(other, "is_sliding", False)]
             croppable = bool(full) and layer.max_cache_len >= max(full)
         if not croppable:
             raise MitigationError(
